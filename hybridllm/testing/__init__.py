@@ -1,0 +1,1 @@
+"""Test and benchmark support: loading the real llama.cpp peer, synthetic GGUF writers."""
