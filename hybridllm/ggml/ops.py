@@ -1,0 +1,819 @@
+"""ggml's graph-construction API in Python: each function returns a `Tensor` node with exactly the type,
+ne, nb, op, op_params, src, view_src and view_offs that the same ggml.h call would produce.
+
+That fidelity is the point: a graph built here can be serialized to a llama.cpp RPC worker unchanged.
+Shapes follow ggml (ne[0] fastest); strides are in bytes. Functions raise `GraphError` where ggml would
+GGML_ASSERT. There is no ggml_context: tensors are plain Python objects, and `Graph` collects the
+execution order the way ggml_build_forward_expand does.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from typing import Iterable, Sequence
+
+from .tensor import Tensor
+from .types import (GGML_MAX_NAME, TRAITS, GGMLOp, GGMLType, GluOp, TensorFlag, UnaryOp, nbytes,
+                    row_size)
+
+__all__ = ["GraphError", "Graph"]  # the op functions are used as ops.<name>
+
+
+class GraphError(ValueError):
+    """A graph-construction call that ggml would reject with GGML_ASSERT."""
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise GraphError(what)
+
+
+# ------------------------------------------------------------------------------------------------
+# predicates (ggml.c names)
+
+def blck_size(t: int) -> int:
+    return TRAITS[t].blck_size
+
+
+def type_size(t: int) -> int:
+    return TRAITS[t].type_size
+
+
+def nelements(a: Tensor) -> int:
+    return a.ne[0] * a.ne[1] * a.ne[2] * a.ne[3]
+
+
+def is_empty(a: Tensor) -> bool:
+    return any(n == 0 for n in a.ne)
+
+
+def is_scalar(a: Tensor) -> bool:
+    return a.ne == (1, 1, 1, 1)
+
+
+def is_vector(a: Tensor) -> bool:
+    return a.ne[1] == 1 and a.ne[2] == 1 and a.ne[3] == 1
+
+
+def is_matrix(a: Tensor) -> bool:
+    return a.ne[2] == 1 and a.ne[3] == 1
+
+
+def is_transposed(a: Tensor) -> bool:
+    return a.nb[0] > a.nb[1]
+
+
+def _is_contiguous_mn(a: Tensor, m: int, n: int) -> bool:
+    bs, ts = blck_size(a.type), type_size(a.type)
+    if a.ne[0] != bs and a.nb[0] != ts:
+        return False
+    next_nb = ts * (a.ne[0] // bs)
+    for i in range(1, n):
+        if i > m:
+            if a.ne[i] != 1 and a.nb[i] != next_nb:
+                return False
+            next_nb *= a.ne[i]
+        else:  # this dimension does not need to be contiguous
+            next_nb = a.ne[i] * a.nb[i]
+    return True
+
+
+def is_contiguous(a: Tensor) -> bool:
+    return _is_contiguous_mn(a, 0, 4)
+
+
+def is_contiguous_1(a: Tensor) -> bool:
+    return _is_contiguous_mn(a, 1, 4)
+
+
+def is_contiguous_2(a: Tensor) -> bool:
+    return _is_contiguous_mn(a, 2, 4)
+
+
+def is_contiguous_rows(a: Tensor) -> bool:
+    return a.ne[0] == blck_size(a.type) or a.nb[0] == type_size(a.type)
+
+
+def is_padded_1d(a: Tensor) -> bool:
+    return (a.nb[0] == type_size(a.type) and a.nb[2] == a.nb[1] * a.ne[1]
+            and a.nb[3] == a.nb[2] * a.ne[2])
+
+
+def are_same_shape(a: Tensor, b: Tensor) -> bool:
+    return a.ne == b.ne
+
+
+def can_repeat(a: Tensor, b: Tensor) -> bool:
+    """True if b can be represented as a repetition of a."""
+    if is_empty(a):
+        return is_empty(b)
+    return all(b.ne[i] % a.ne[i] == 0 for i in range(4))
+
+
+def can_repeat_rows(a: Tensor, b: Tensor) -> bool:
+    return a.ne[0] == b.ne[0] and can_repeat(a, b)
+
+
+def can_mul_mat(a: Tensor, b: Tensor) -> bool:
+    return a.ne[0] == b.ne[0] and b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# tensor creation
+
+def _fmt_name(fmt: str, *names: str) -> str:
+    """ggml_format_name: vsnprintf into a 64-byte buffer (63 characters kept)."""
+    return (fmt % names)[:GGML_MAX_NAME - 1]
+
+
+def _new(type: int, ne: Sequence[int], view_src: Tensor | None = None, view_offs: int = 0) -> Tensor:
+    """ggml_new_tensor_impl: default strides, views resolved to their ultimate base."""
+    _check(0 < len(ne) <= 4, f"bad number of dims {len(ne)}")
+    _check(type in TRAITS, f"bad tensor type {type}")
+    ne4 = tuple(int(n) for n in ne) + (1,) * (4 - len(ne))
+    if view_src is not None and view_src.view_src is not None:
+        view_offs += view_src.view_offs
+        view_src = view_src.view_src
+    if view_src is not None:
+        data_size = row_size(type, ne4[0]) * ne4[1] * ne4[2] * ne4[3]
+        _check(data_size == 0 or data_size + view_offs <= view_src.nbytes,
+               f"view of {view_src.name!r} out of bounds ({data_size}+{view_offs} > {view_src.nbytes})")
+    tr = TRAITS[type]
+    nb0 = tr.type_size
+    nb1 = nb0 * (ne4[0] // tr.blck_size)
+    nb = (nb0, nb1, nb1 * ne4[1], nb1 * ne4[1] * ne4[2])
+    t = Tensor(type, ne4, nb, view_src=view_src, view_offs=view_offs)
+    if view_src is not None:
+        t.buffer = view_src.buffer
+        t.offset = view_src.offset + view_offs
+    return t
+
+
+def _set_op(t: Tensor, op: GGMLOp, *src: Tensor | None, params: bytes | None = None) -> Tensor:
+    t.op = op
+    srcs = list(src)
+    while srcs and srcs[-1] is None:
+        srcs.pop()
+    t.src = srcs
+    if params is not None:
+        t.op_params = params.ljust(64, b"\0")
+    return t
+
+
+def _params(*values: int | float) -> bytes:
+    """i32 for ints, f32 for floats, in order (ggml_set_op_params of a packed C array)."""
+    return b"".join(struct.pack("<f", v) if isinstance(v, float) else struct.pack("<i", v)
+                    for v in values)
+
+
+def _set_param_i32(t: Tensor, i: int, v: int) -> None:
+    p = bytearray(t.op_params)
+    struct.pack_into("<i", p, 4 * i, v)
+    t.op_params = bytes(p)
+
+
+def _set_param_f32(t: Tensor, i: int, v: float) -> None:
+    p = bytearray(t.op_params)
+    struct.pack_into("<f", p, 4 * i, v)
+    t.op_params = bytes(p)
+
+
+def new_tensor(type: int, *ne: int) -> Tensor:
+    return _new(type, ne)
+
+
+def new_tensor_1d(type: int, ne0: int) -> Tensor:
+    return _new(type, (ne0,))
+
+
+def new_tensor_2d(type: int, ne0: int, ne1: int) -> Tensor:
+    return _new(type, (ne0, ne1))
+
+
+def new_tensor_3d(type: int, ne0: int, ne1: int, ne2: int) -> Tensor:
+    return _new(type, (ne0, ne1, ne2))
+
+
+def new_tensor_4d(type: int, ne0: int, ne1: int, ne2: int, ne3: int) -> Tensor:
+    return _new(type, (ne0, ne1, ne2, ne3))
+
+
+def dup_tensor(a: Tensor) -> Tensor:
+    return _new(a.type, a.ne)
+
+
+def view_tensor(a: Tensor) -> Tensor:
+    t = _new(a.type, a.ne, a, 0)
+    t.name = _fmt_name("%s (view)", a.name)
+    t.nb = a.nb
+    return t
+
+
+def set_name(t: Tensor, name: str) -> Tensor:
+    t.name = name[:GGML_MAX_NAME - 1]
+    return t
+
+
+def set_input(t: Tensor) -> Tensor:
+    _check(t.op == GGMLOp.NONE, "set_input on a computed tensor")
+    t.flags |= TensorFlag.INPUT
+    return t
+
+
+def set_output(t: Tensor) -> Tensor:
+    cur: Tensor | None = t
+    while cur is not None:
+        cur.flags |= TensorFlag.OUTPUT
+        cur = cur.view_src
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# views and layout
+
+def _view(a: Tensor, ne: Sequence[int], offset: int) -> Tensor:
+    t = _new(a.type, ne, a, offset)
+    t.name = _fmt_name("%s (view)", a.name)
+    return _set_op(t, GGMLOp.VIEW, a, params=struct.pack("<Q", offset))
+
+
+def view_1d(a: Tensor, ne0: int, offset: int) -> Tensor:
+    return _view(a, (ne0,), offset)
+
+
+def view_2d(a: Tensor, ne0: int, ne1: int, nb1: int, offset: int) -> Tensor:
+    t = _view(a, (ne0, ne1), offset)
+    t.nb = (t.nb[0], nb1, nb1 * ne1, nb1 * ne1)
+    return t
+
+
+def view_3d(a: Tensor, ne0: int, ne1: int, ne2: int, nb1: int, nb2: int, offset: int) -> Tensor:
+    t = _view(a, (ne0, ne1, ne2), offset)
+    t.nb = (t.nb[0], nb1, nb2, nb2 * ne2)
+    return t
+
+
+def view_4d(a: Tensor, ne0: int, ne1: int, ne2: int, ne3: int, nb1: int, nb2: int, nb3: int,
+            offset: int) -> Tensor:
+    t = _view(a, (ne0, ne1, ne2, ne3), offset)
+    t.nb = (t.nb[0], nb1, nb2, nb3)
+    return t
+
+
+def _reshape(a: Tensor, ne: Sequence[int]) -> Tensor:
+    _check(is_contiguous(a), f"reshape of non-contiguous {a.name!r}")
+    _check(nelements(a) == math.prod(ne), f"reshape {a.ne} -> {tuple(ne)} changes the element count")
+    t = _new(a.type, ne, a, 0)
+    t.name = _fmt_name("%s (reshaped)", a.name)
+    return _set_op(t, GGMLOp.RESHAPE, a)
+
+
+def reshape(a: Tensor, b: Tensor) -> Tensor:
+    _check(is_contiguous(a), f"reshape of non-contiguous {a.name!r}")
+    _check(nelements(a) == nelements(b), "reshape changes the element count")
+    t = _new(a.type, b.ne, a, 0)
+    t.name = _fmt_name("%s (reshaped)", a.name)
+    return _set_op(t, GGMLOp.RESHAPE, a)
+
+
+def reshape_1d(a: Tensor, ne0: int) -> Tensor:
+    return _reshape(a, (ne0,))
+
+
+def reshape_2d(a: Tensor, ne0: int, ne1: int) -> Tensor:
+    return _reshape(a, (ne0, ne1))
+
+
+def reshape_3d(a: Tensor, ne0: int, ne1: int, ne2: int) -> Tensor:
+    return _reshape(a, (ne0, ne1, ne2))
+
+
+def reshape_4d(a: Tensor, ne0: int, ne1: int, ne2: int, ne3: int) -> Tensor:
+    return _reshape(a, (ne0, ne1, ne2, ne3))
+
+
+def permute(a: Tensor, axis0: int, axis1: int, axis2: int, axis3: int) -> Tensor:
+    axes = (axis0, axis1, axis2, axis3)
+    _check(sorted(axes) == [0, 1, 2, 3], f"bad permutation {axes}")
+    t = view_tensor(a)
+    t.name = _fmt_name("%s (permuted)", a.name)
+    ne, nb = [0] * 4, [0] * 4
+    for i, ax in enumerate(axes):  # source dim i goes to result dim ax
+        ne[ax], nb[ax] = a.ne[i], a.nb[i]
+    t.ne, t.nb = tuple(ne), tuple(nb)  # type: ignore[assignment]
+    return _set_op(t, GGMLOp.PERMUTE, a, params=_params(*axes))
+
+
+def transpose(a: Tensor) -> Tensor:
+    t = view_tensor(a)
+    t.name = _fmt_name("%s (transposed)", a.name)
+    t.ne = (a.ne[1], a.ne[0], a.ne[2], a.ne[3])
+    t.nb = (a.nb[1], a.nb[0], a.nb[2], a.nb[3])
+    return _set_op(t, GGMLOp.TRANSPOSE, a)
+
+
+def cont(a: Tensor) -> Tensor:
+    t = dup_tensor(a)
+    t.name = _fmt_name("%s (cont)", a.name)
+    return _set_op(t, GGMLOp.CONT, a)
+
+
+def cont_4d(a: Tensor, ne0: int, ne1: int = 1, ne2: int = 1, ne3: int = 1) -> Tensor:
+    _check(nelements(a) == ne0 * ne1 * ne2 * ne3, "cont_4d changes the element count")
+    t = _new(a.type, (ne0, ne1, ne2, ne3))
+    t.name = _fmt_name("%s (cont)", a.name)
+    return _set_op(t, GGMLOp.CONT, a)
+
+
+def cont_1d(a: Tensor, ne0: int) -> Tensor:
+    return cont_4d(a, ne0)
+
+
+def cont_2d(a: Tensor, ne0: int, ne1: int) -> Tensor:
+    return cont_4d(a, ne0, ne1)
+
+
+def cont_3d(a: Tensor, ne0: int, ne1: int, ne2: int) -> Tensor:
+    return cont_4d(a, ne0, ne1, ne2)
+
+
+def cpy(a: Tensor, b: Tensor) -> Tensor:
+    """Copy a into b (with conversion); the result is a view of b."""
+    _check(nelements(a) == nelements(b), "cpy between tensors of different sizes")
+    t = view_tensor(b)
+    t.name = (_fmt_name("%s (copy of %s)", b.name, a.name) if b.name
+              else _fmt_name("%s (copy)", a.name))
+    return _set_op(t, GGMLOp.CPY, a, b)
+
+
+def cast(a: Tensor, type: int) -> Tensor:
+    t = _new(type, a.ne)
+    t.name = _fmt_name("%s (copy)", a.name)
+    return _set_op(t, GGMLOp.CPY, a, t)  # src[1] = itself, as ggml does
+
+
+def dup(a: Tensor, inplace: bool = False) -> Tensor:
+    return _set_op(view_tensor(a) if inplace else dup_tensor(a), GGMLOp.DUP, a)
+
+
+# ------------------------------------------------------------------------------------------------
+# elementwise
+
+def _binary(op: GGMLOp, a: Tensor, b: Tensor, inplace: bool) -> Tensor:
+    _check(can_repeat(b, a), f"{op.name}: {b.ne} does not broadcast to {a.ne}")
+    return _set_op(view_tensor(a) if inplace else dup_tensor(a), op, a, b)
+
+
+def add(a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
+    return _binary(GGMLOp.ADD, a, b, inplace)
+
+
+def sub(a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
+    return _binary(GGMLOp.SUB, a, b, inplace)
+
+
+def mul(a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
+    return _binary(GGMLOp.MUL, a, b, inplace)
+
+
+def div(a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
+    return _binary(GGMLOp.DIV, a, b, inplace)
+
+
+def add_cast(a: Tensor, b: Tensor, type: int) -> Tensor:
+    _check(can_repeat_rows(b, a), "add_cast: rows do not broadcast")
+    return _set_op(_new(type, a.ne), GGMLOp.ADD, a, b)
+
+
+def add_id(a: Tensor, b: Tensor, ids: Tensor) -> Tensor:
+    _check(a.ne[0] == b.ne[0] and a.ne[1] == ids.ne[0] and a.ne[2] == ids.ne[1], "add_id shapes")
+    _check(ids.type == GGMLType.I32, "add_id ids must be I32")
+    return _set_op(dup_tensor(a), GGMLOp.ADD_ID, a, b, ids)
+
+
+def add1(a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
+    _check(is_scalar(b) and is_padded_1d(a), "add1 needs a scalar b and padded a")
+    return _set_op(view_tensor(a) if inplace else dup_tensor(a), GGMLOp.ADD1, a, b)
+
+
+def _simple(op: GGMLOp, a: Tensor, inplace: bool = False) -> Tensor:
+    return _set_op(view_tensor(a) if inplace else dup_tensor(a), op, a)
+
+
+def sqr(a: Tensor, inplace: bool = False) -> Tensor:
+    return _simple(GGMLOp.SQR, a, inplace)
+
+
+def sqrt(a: Tensor, inplace: bool = False) -> Tensor:
+    return _simple(GGMLOp.SQRT, a, inplace)
+
+
+def log(a: Tensor, inplace: bool = False) -> Tensor:
+    return _simple(GGMLOp.LOG, a, inplace)
+
+
+def sin(a: Tensor, inplace: bool = False) -> Tensor:
+    return _simple(GGMLOp.SIN, a, inplace)
+
+
+def cos(a: Tensor, inplace: bool = False) -> Tensor:
+    return _simple(GGMLOp.COS, a, inplace)
+
+
+def scale_bias(a: Tensor, s: float, b: float, inplace: bool = False) -> Tensor:
+    _check(is_padded_1d(a), f"scale of non-padded {a.name!r}")
+    t = view_tensor(a) if inplace else dup_tensor(a)
+    return _set_op(t, GGMLOp.SCALE, a, params=_params(float(s), float(b)))
+
+
+def scale(a: Tensor, s: float, inplace: bool = False) -> Tensor:
+    return scale_bias(a, s, 0.0, inplace)
+
+
+def clamp(a: Tensor, min: float, max: float, inplace: bool = False) -> Tensor:
+    t = view_tensor(a) if inplace else dup_tensor(a)
+    return _set_op(t, GGMLOp.CLAMP, a, params=_params(float(min), float(max)))
+
+
+def leaky_relu(a: Tensor, negative_slope: float, inplace: bool = False) -> Tensor:
+    t = view_tensor(a) if inplace else dup_tensor(a)
+    return _set_op(t, GGMLOp.LEAKY_RELU, a, params=_params(float(negative_slope)))
+
+
+def fill(a: Tensor, c: float, inplace: bool = False) -> Tensor:
+    _check(a.type in (GGMLType.F32, GGMLType.F16) and is_contiguous(a), "fill needs contiguous F32/F16")
+    t = view_tensor(a) if inplace else dup_tensor(a)
+    return _set_op(t, GGMLOp.FILL, a, params=_params(float(c)))
+
+
+def unary(a: Tensor, op: UnaryOp, inplace: bool = False) -> Tensor:
+    _check(is_contiguous_rows(a), f"unary op on {a.name!r} without contiguous rows")
+    t = view_tensor(a) if inplace else dup_tensor(a)
+    return _set_op(t, GGMLOp.UNARY, a, params=_params(int(op)))
+
+
+def _unary_fn(op: UnaryOp):
+    def fn(a: Tensor, inplace: bool = False) -> Tensor:
+        return unary(a, op, inplace)
+    fn.__name__ = op.name.lower()
+    fn.__doc__ = f"UNARY {op.name}"
+    return fn
+
+
+abs_ = _unary_fn(UnaryOp.ABS)
+sgn = _unary_fn(UnaryOp.SGN)
+neg = _unary_fn(UnaryOp.NEG)
+step = _unary_fn(UnaryOp.STEP)
+tanh = _unary_fn(UnaryOp.TANH)
+elu = _unary_fn(UnaryOp.ELU)
+relu = _unary_fn(UnaryOp.RELU)
+sigmoid = _unary_fn(UnaryOp.SIGMOID)
+gelu = _unary_fn(UnaryOp.GELU)
+gelu_quick = _unary_fn(UnaryOp.GELU_QUICK)
+gelu_erf = _unary_fn(UnaryOp.GELU_ERF)
+silu = _unary_fn(UnaryOp.SILU)
+hardswish = _unary_fn(UnaryOp.HARDSWISH)
+hardsigmoid = _unary_fn(UnaryOp.HARDSIGMOID)
+exp = _unary_fn(UnaryOp.EXP)
+expm1 = _unary_fn(UnaryOp.EXPM1)
+softplus = _unary_fn(UnaryOp.SOFTPLUS)
+floor = _unary_fn(UnaryOp.FLOOR)
+ceil = _unary_fn(UnaryOp.CEIL)
+round_ = _unary_fn(UnaryOp.ROUND)
+trunc = _unary_fn(UnaryOp.TRUNC)
+
+
+def glu(a: Tensor, op: GluOp, swapped: bool = False, b: Tensor | None = None) -> Tensor:
+    """GLU: one input (rows of 2n values -> n) or split form (gate a, up b)."""
+    _check(is_contiguous_1(a), f"glu of {a.name!r} without contiguous rows")
+    if b is not None:
+        _check(is_contiguous_1(b) and are_same_shape(a, b) and a.type == b.type, "glu split mismatch")
+        ne = a.ne
+    else:
+        ne = (a.ne[0] // 2, a.ne[1], a.ne[2], a.ne[3])
+    return _set_op(_new(a.type, ne), GGMLOp.GLU, a, b, params=_params(int(op), int(swapped)))
+
+
+def glu_split(a: Tensor, b: Tensor, op: GluOp) -> Tensor:
+    return glu(a, op, False, b)
+
+
+def swiglu(a: Tensor) -> Tensor:
+    return glu(a, GluOp.SWIGLU)
+
+
+def geglu(a: Tensor) -> Tensor:
+    return glu(a, GluOp.GEGLU)
+
+
+def reglu(a: Tensor) -> Tensor:
+    return glu(a, GluOp.REGLU)
+
+
+def swiglu_split(a: Tensor, b: Tensor) -> Tensor:
+    return glu(a, GluOp.SWIGLU, False, b)
+
+
+def geglu_split(a: Tensor, b: Tensor) -> Tensor:
+    return glu(a, GluOp.GEGLU, False, b)
+
+
+def reglu_split(a: Tensor, b: Tensor) -> Tensor:
+    return glu(a, GluOp.REGLU, False, b)
+
+
+def geglu_erf_split(a: Tensor, b: Tensor) -> Tensor:
+    return glu(a, GluOp.GEGLU_ERF, False, b)
+
+
+def geglu_quick_split(a: Tensor, b: Tensor) -> Tensor:
+    return glu(a, GluOp.GEGLU_QUICK, False, b)
+
+
+def swiglu_oai(a: Tensor, b: Tensor, alpha: float, limit: float) -> Tensor:
+    t = glu(a, GluOp.SWIGLU_OAI, False, b)
+    _set_param_f32(t, 2, alpha)
+    _set_param_f32(t, 3, limit)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# normalization, reductions
+
+def _norm(op: GGMLOp, a: Tensor, eps: float, inplace: bool) -> Tensor:
+    t = view_tensor(a) if inplace else dup_tensor(a)
+    return _set_op(t, op, a, params=_params(float(eps)))
+
+
+def norm(a: Tensor, eps: float, inplace: bool = False) -> Tensor:
+    return _norm(GGMLOp.NORM, a, eps, inplace)
+
+
+def rms_norm(a: Tensor, eps: float, inplace: bool = False) -> Tensor:
+    return _norm(GGMLOp.RMS_NORM, a, eps, inplace)
+
+
+def l2_norm(a: Tensor, eps: float, inplace: bool = False) -> Tensor:
+    return _norm(GGMLOp.L2_NORM, a, eps, inplace)
+
+
+def sum(a: Tensor) -> Tensor:  # noqa: A001 - ggml's name
+    return _set_op(_new(a.type, (1,)), GGMLOp.SUM, a)
+
+
+def sum_rows(a: Tensor) -> Tensor:
+    return _set_op(_new(a.type, (1, a.ne[1], a.ne[2], a.ne[3])), GGMLOp.SUM_ROWS, a)
+
+
+def mean(a: Tensor) -> Tensor:
+    return _set_op(_new(GGMLType.F32, (1, a.ne[1], a.ne[2], a.ne[3])), GGMLOp.MEAN, a)
+
+
+def argmax(a: Tensor) -> Tensor:
+    _check(is_matrix(a), "argmax needs a matrix")
+    return _set_op(_new(GGMLType.I32, (a.ne[1],)), GGMLOp.ARGMAX, a)
+
+
+def repeat(a: Tensor, b: Tensor) -> Tensor:
+    _check(can_repeat(a, b), f"repeat: {a.ne} does not tile {b.ne}")
+    return _set_op(_new(a.type, b.ne), GGMLOp.REPEAT, a)
+
+
+def repeat_4d(a: Tensor, ne0: int, ne1: int, ne2: int, ne3: int) -> Tensor:
+    ne = (ne0, ne1, ne2, ne3)
+    _check(is_empty(a) or all(ne[i] % a.ne[i] == 0 for i in range(4)), "repeat_4d shape")
+    return _set_op(_new(a.type, ne), GGMLOp.REPEAT, a)
+
+
+def concat(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    _check(0 <= dim < 4 and a.type == b.type, "concat dim/type")
+    ne = []
+    for d in range(4):
+        if d == dim:
+            ne.append(a.ne[d] + b.ne[d])
+        else:
+            _check(a.ne[d] == b.ne[d], f"concat: dim {d} differs")
+            ne.append(a.ne[d])
+    return _set_op(_new(a.type, ne), GGMLOp.CONCAT, a, b, params=_params(dim))
+
+
+def pad_ext(a: Tensor, lp0: int, rp0: int, lp1: int = 0, rp1: int = 0, lp2: int = 0, rp2: int = 0,
+            lp3: int = 0, rp3: int = 0) -> Tensor:
+    ne = (a.ne[0] + lp0 + rp0, a.ne[1] + lp1 + rp1, a.ne[2] + lp2 + rp2, a.ne[3] + lp3 + rp3)
+    return _set_op(_new(a.type, ne), GGMLOp.PAD, a,
+                   params=_params(lp0, rp0, lp1, rp1, lp2, rp2, lp3, rp3, 0))
+
+
+def pad(a: Tensor, p0: int, p1: int = 0, p2: int = 0, p3: int = 0) -> Tensor:
+    return pad_ext(a, 0, p0, 0, p1, 0, p2, 0, p3)
+
+
+def arange(start: float, stop: float, step: float) -> Tensor:
+    _check(stop > start, "arange needs stop > start")
+    steps = math.ceil(struct.unpack("<f", struct.pack("<f", (stop - start) / step))[0])
+    return _set_op(_new(GGMLType.F32, (steps,)), GGMLOp.ARANGE,
+                   params=_params(float(start), float(stop), float(step)))
+
+
+def argsort(a: Tensor, order: int) -> Tensor:
+    """order 0 = ascending, 1 = descending (ggml_sort_order)."""
+    return _set_op(_new(GGMLType.I32, a.ne), GGMLOp.ARGSORT, a, params=_params(int(order)))
+
+
+def argsort_top_k(a: Tensor, k: int) -> Tensor:
+    _check(a.ne[0] >= k, "argsort_top_k: k larger than the row")
+    r = argsort(a, 1)
+    return view_4d(r, k, r.ne[1], r.ne[2], r.ne[3], r.nb[1], r.nb[2], r.nb[3], 0)
+
+
+def top_k(a: Tensor, k: int) -> Tensor:
+    _check(a.ne[0] >= k, "top_k: k larger than the row")
+    return _set_op(_new(GGMLType.I32, (k, a.ne[1], a.ne[2], a.ne[3])), GGMLOp.TOP_K, a)
+
+
+# ------------------------------------------------------------------------------------------------
+# matrix products, rows
+
+def mul_mat(a: Tensor, b: Tensor) -> Tensor:
+    _check(can_mul_mat(a, b), f"mul_mat: {a.name!r} {a.ne} x {b.name!r} {b.ne}")
+    _check(not is_transposed(a), f"mul_mat: {a.name!r} is transposed")
+    return _set_op(_new(GGMLType.F32, (a.ne[1], b.ne[1], b.ne[2], b.ne[3])), GGMLOp.MUL_MAT, a, b)
+
+
+def mul_mat_set_prec(a: Tensor, prec: int) -> None:
+    _set_param_i32(a, 0, prec)
+
+
+def mul_mat_id(as_: Tensor, b: Tensor, ids: Tensor) -> Tensor:
+    _check(not is_transposed(as_) and ids.type == GGMLType.I32, "mul_mat_id: as/ids")
+    _check(as_.ne[3] == 1 and b.ne[3] == 1 and ids.ne[2] == 1 and ids.ne[3] == 1, "mul_mat_id dims")
+    _check(ids.ne[1] == b.ne[2] and as_.ne[0] == b.ne[0] and ids.ne[0] % b.ne[1] == 0,
+           f"mul_mat_id: {as_.ne} x {b.ne} ids {ids.ne}")
+    return _set_op(_new(GGMLType.F32, (as_.ne[1], ids.ne[0], b.ne[2], 1)), GGMLOp.MUL_MAT_ID,
+                   as_, b, ids)
+
+
+def get_rows(a: Tensor, b: Tensor) -> Tensor:
+    _check(a.ne[2] == b.ne[1] and a.ne[3] == b.ne[2] and b.ne[3] == 1, f"get_rows: {a.ne} by {b.ne}")
+    _check(b.type == GGMLType.I32, "get_rows indices must be I32")
+    type = GGMLType.I32 if a.type == GGMLType.I32 else GGMLType.F32
+    return _set_op(_new(type, (a.ne[0], b.ne[0], b.ne[1], b.ne[2])), GGMLOp.GET_ROWS, a, b)
+
+
+def set_rows(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """Write rows b into a at indices c; the result is a view of a."""
+    _check(a.ne[0] == b.ne[0] and a.ne[2] == b.ne[2] and a.ne[3] == b.ne[3], f"set_rows {a.ne} {b.ne}")
+    _check(b.ne[1] == c.ne[0] and b.ne[2] % c.ne[1] == 0 and b.ne[3] % c.ne[2] == 0 and c.ne[3] == 1,
+           f"set_rows indices {c.ne} for rows {b.ne}")
+    _check(b.type in (GGMLType.F32, GGMLType.F16), "set_rows source must be F32/F16")
+    _check(c.type in (GGMLType.I64, GGMLType.I32), "set_rows indices must be I64/I32")
+    _check(is_contiguous_rows(a) and is_contiguous_rows(b), "set_rows needs contiguous rows")
+    return _set_op(view_tensor(a), GGMLOp.SET_ROWS, b, c, a)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention building blocks
+
+def soft_max_ext(a: Tensor, mask: Tensor | None, scale: float, max_bias: float,
+                 inplace: bool = False) -> Tensor:
+    _check(is_contiguous(a), f"soft_max of non-contiguous {a.name!r}")
+    if mask is not None:
+        _check(mask.type in (GGMLType.F16, GGMLType.F32) and is_contiguous(mask), "soft_max mask type")
+        _check(mask.ne[0] == a.ne[0] and mask.ne[1] >= a.ne[1], f"soft_max mask {mask.ne} for {a.ne}")
+        _check(a.ne[2] % mask.ne[2] == 0 and a.ne[3] % mask.ne[3] == 0, "soft_max mask broadcast")
+    _check(max_bias <= 0.0 or mask is not None, "ALiBi needs a mask")
+    t = view_tensor(a) if inplace else dup_tensor(a)
+    return _set_op(t, GGMLOp.SOFT_MAX, a, mask, params=_params(float(scale), float(max_bias)))
+
+
+def soft_max(a: Tensor, inplace: bool = False) -> Tensor:
+    return soft_max_ext(a, None, 1.0, 0.0, inplace)
+
+
+def soft_max_add_sinks(a: Tensor, sinks: Tensor | None) -> None:
+    _attach_src(a, 2, sinks)
+
+
+def _attach_src(a: Tensor, i: int, t: Tensor | None) -> None:
+    srcs = list(a.src) + [None] * (i + 1 - len(a.src))
+    srcs[i] = t
+    while srcs and srcs[-1] is None:
+        srcs.pop()
+    a.src = srcs
+
+
+def flash_attn_ext(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                   max_bias: float, logit_softcap: float) -> Tensor:
+    _check(can_mul_mat(k, q), f"flash_attn_ext: K {k.ne} vs Q {q.ne}")
+    _check(q.ne[3] == k.ne[3] == v.ne[3], "flash_attn_ext dim 3")
+    if mask is not None:
+        _check(mask.type == GGMLType.F16 and is_contiguous(mask), "flash_attn_ext needs a contiguous F16 mask")
+        _check(q.ne[2] % mask.ne[2] == 0 and q.ne[3] % mask.ne[3] == 0, "flash_attn_ext mask broadcast")
+    _check(max_bias <= 0.0 or mask is not None, "ALiBi needs a mask")
+    t = _new(GGMLType.F32, (v.ne[0], q.ne[2], q.ne[1], q.ne[3]))
+    return _set_op(t, GGMLOp.FLASH_ATTN_EXT, q, k, v, mask,
+                   params=_params(float(scale), float(max_bias), float(logit_softcap)))
+
+
+def flash_attn_ext_set_prec(a: Tensor, prec: int) -> None:
+    _set_param_i32(a, 3, prec)
+
+
+def flash_attn_ext_set_n_kv_max(a: Tensor, n_kv_max: int) -> None:
+    _set_param_i32(a, 4, n_kv_max)
+
+
+def flash_attn_ext_add_sinks(a: Tensor, sinks: Tensor | None) -> None:
+    _attach_src(a, 4, sinks)
+
+
+def rope_multi(a: Tensor, b: Tensor, c: Tensor | None, n_dims: int, sections: Sequence[int] | None,
+               mode: int, n_ctx_orig: int, freq_base: float, freq_scale: float, ext_factor: float,
+               attn_factor: float, beta_fast: float, beta_slow: float, inplace: bool = False) -> Tensor:
+    _check(mode & 1 == 0, "rope mode & 1 is no longer supported")
+    _check(is_vector(b) and b.type == GGMLType.I32, "rope positions must be an I32 vector")
+    mrope = bool(mode & 8)
+    _check(b.ne[0] == a.ne[2] * (4 if mrope else 1), f"rope: {b.ne[0]} positions for {a.ne[2]} tokens")
+    if c is not None:
+        _check(c.type == GGMLType.F32 and c.ne[0] >= n_dims // 2, "rope freq factors")
+    secs = list(sections) if (mrope and sections) else [0, 0, 0, 0]
+    params = _params(0, n_dims, mode, 0, n_ctx_orig, float(freq_base), float(freq_scale),
+                     float(ext_factor), float(attn_factor), float(beta_fast), float(beta_slow),
+                     *[int(s) for s in secs], 0)
+    t = view_tensor(a) if inplace else dup_tensor(a)
+    return _set_op(t, GGMLOp.ROPE, a, b, c, params=params)
+
+
+def rope_ext(a: Tensor, b: Tensor, c: Tensor | None, n_dims: int, mode: int, n_ctx_orig: int,
+             freq_base: float, freq_scale: float, ext_factor: float, attn_factor: float,
+             beta_fast: float, beta_slow: float, inplace: bool = False) -> Tensor:
+    return rope_multi(a, b, c, n_dims, None, mode, n_ctx_orig, freq_base, freq_scale, ext_factor,
+                      attn_factor, beta_fast, beta_slow, inplace)
+
+
+def rope(a: Tensor, b: Tensor, n_dims: int, mode: int) -> Tensor:
+    return rope_ext(a, b, None, n_dims, mode, 0, 10000.0, 1.0, 0.0, 1.0, 0.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# graphs
+
+class Graph:
+    """A ggml_cgraph: nodes in execution order and leafs, built by depth-first visits of sources.
+
+    Mirrors ggml_visit_parents_graph, including the COMPUTE flag that ggml_build_forward_select leaves
+    off the branches that were not selected (their nodes stay in the graph but are not run).
+    """
+
+    def __init__(self) -> None:
+        self.nodes: list[Tensor] = []
+        self.leafs: list[Tensor] = []
+        self._seen: set[int] = set()
+
+    def _visit(self, root: Tensor, compute: bool) -> None:
+        # iterative DFS (deep graphs would exceed Python's recursion limit)
+        stack: list[tuple[Tensor, int]] = [(root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                if node.op != GGMLOp.NONE and compute:
+                    node.flags |= TensorFlag.COMPUTE
+                if id(node) in self._seen:
+                    if compute:  # make sure sources of an already visited node are flagged too
+                        stack.extend((s, 0) for s in node.src
+                                     if s is not None and not s.flags & TensorFlag.COMPUTE)
+                    continue
+                self._seen.add(id(node))
+            srcs = node.src
+            while i < len(srcs) and srcs[i] is None:
+                i += 1
+            if i < len(srcs):
+                stack.append((node, i + 1))
+                stack.append((srcs[i], 0))
+                continue
+            if node.op == GGMLOp.NONE and not node.flags & TensorFlag.PARAM:
+                if not node.name:
+                    node.name = f"leaf_{len(self.leafs)}"
+                self.leafs.append(node)
+            else:
+                if not node.name:
+                    node.name = f"node_{len(self.nodes)}"
+                self.nodes.append(node)
+
+    def expand(self, t: Tensor) -> Tensor:
+        """ggml_build_forward_expand."""
+        self._visit(t, True)
+        return t
+
+    def select(self, tensors: Sequence[Tensor], idx: int) -> Tensor:
+        """ggml_build_forward_select: all branches are visited, only `idx` is flagged COMPUTE."""
+        for i, t in enumerate(tensors):
+            self._visit(t, i == idx)
+        return tensors[idx]
+
+    def tensors(self) -> Iterable[Tensor]:
+        yield from self.leafs
+        yield from self.nodes
+
+    def __len__(self) -> int:
+        return len(self.nodes)
