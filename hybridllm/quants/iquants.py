@@ -1,0 +1,116 @@
+"""Non-linear 4-bit formats: IQ4_NL, IQ4_XS (table `kvalues_iq4nl`) and the FP4 formats MXFP4, NVFP4.
+
+Dequantizers are bit-exact with ggml-base. The IQ4_NL quantizer is ggml's `quantize_row_iq4_nl_ref`
+(used by CPY/SET_ROWS into IQ4_NL caches): with no importance weights and `ntry = -1` it is a single
+pass — scale guess `max/-127`, nearest table index, then the least-squares scale
+`d = Σw·q·x / Σw·q²` with w = x², summed in element order in float32 as the C loop does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..ggml.types import GGMLType
+from ._common import F32, f16_field, first_absmax, nibbles_pack, nibbles_split, put_f16, u16_field
+
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+_KV_IQ4_F32 = KVALUES_IQ4NL.astype(np.float32)
+_KV_FP4_F32 = KVALUES_MXFP4.astype(np.float32)
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def e8m0_to_f32_half(e: np.ndarray) -> np.ndarray:
+    """ggml_e8m0_to_fp32_half: 2^(e-128) as float32 bits (e = 0, 1 give the denormals 2^-128, 2^-127)."""
+    e = e.astype(np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << 23).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def _ue4m3_table() -> np.ndarray:
+    """ggml_ue4m3_to_fp32 for all 256 byte values (the value already halved; sign bit ignored)."""
+    x = np.arange(256)
+    exp, man = (x >> 3) & 0xF, x & 7
+    raw = np.where(exp == 0, np.ldexp(man.astype(np.float32), -9),
+                   np.ldexp(F32(1) + man.astype(np.float32) / F32(8), exp - 7)).astype(np.float32)
+    val = (raw * F32(0.5)).astype(np.float32)
+    val[(x == 0) | (x == 0x7F)] = 0
+    return val
+
+
+UE4M3_HALF = _ue4m3_table()
+
+
+def dequantize_iq4_nl(b: np.ndarray) -> np.ndarray:
+    return f16_field(b, 0) * _KV_IQ4_F32[nibbles_split(b[:, 2:18])]
+
+
+def iq4_xs_scales(b: np.ndarray) -> np.ndarray:
+    """The 8 six-bit sub-block scales of IQ4_XS blocks minus 32, int32 (N, 8)."""
+    lo = np.empty((b.shape[0], 8), np.uint8)
+    lo[:, 0::2] = b[:, 4:8] & 0x0F
+    lo[:, 1::2] = b[:, 4:8] >> 4
+    sh = u16_field(b, 2).astype(np.int32)                                      # (N, 1)
+    hi = (sh >> (2 * np.arange(8, dtype=np.int32))) & 3
+    return (lo.astype(np.int32) | (hi << 4)) - 32
+
+
+def dequantize_iq4_xs(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    dl = (f16_field(b, 0) * iq4_xs_scales(b).astype(np.float32))[:, :, None]  # float(d) * int
+    q = nibbles_split(b[:, 8:136].reshape(n * 8, 16)).reshape(n, 8, 32)
+    return (dl * _KV_IQ4_F32[q]).reshape(n, 256)
+
+
+def dequantize_mxfp4(b: np.ndarray) -> np.ndarray:
+    d = e8m0_to_f32_half(b[:, 0:1])
+    return _KV_FP4_F32[nibbles_split(b[:, 1:17])] * d
+
+
+def dequantize_nvfp4(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    d = UE4M3_HALF[b[:, 0:4]][:, :, None]                                      # (N, 4, 1)
+    q = nibbles_split(b[:, 4:36].reshape(n * 4, 8)).reshape(n, 4, 16)
+    return (_KV_FP4_F32[q] * d).reshape(n, 64)
+
+
+def best_index_iq4(v: np.ndarray) -> np.ndarray:
+    """ggml `best_index_int8(16, kvalues_iq4nl, v)`: nearest table entry, ties to the upper one."""
+    mu = np.clip(np.searchsorted(_KV_IQ4_F32, v, side="right"), 1, 15)
+    lo, hi = _KV_IQ4_F32[mu - 1], _KV_IQ4_F32[mu]
+    idx = np.where(v - lo < hi - v, mu - 1, mu)
+    idx = np.where(v <= _KV_IQ4_F32[0], 0, idx)
+    return np.where(v >= _KV_IQ4_F32[15], 15, idx).astype(np.uint8)
+
+
+def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
+    """ggml `quantize_row_iq4_nl_ref`. Blocks with max |x| < 1e-15 get d = 0 and index 8 (value 1)
+    everywhere; ggml leaves their indices stale (whatever the previous block left), which only matters
+    bit-wise: they dequantize to 0 either way."""
+    amax, mx = first_absmax(x)
+    small = amax < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d0 = (mx / F32(-127)).astype(np.float32)
+        idv = (F32(1) / d0).astype(np.float32)
+        idx = best_index_iq4(idv * x)
+    q = _KV_IQ4_F32[idx]
+    wq = (x * x) * q
+    sumqx = np.zeros(x.shape[0], np.float32)
+    sumq2 = np.zeros(x.shape[0], np.float32)
+    for j in range(x.shape[1]):  # sequential float32 sums, as the C loop accumulates
+        sumqx += wq[:, j] * x[:, j]
+        sumq2 += wq[:, j] * q[:, j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0)).astype(np.float32)
+    d[small[:, 0]] = 0
+    idx[small[:, 0]] = 8
+    out = np.empty((x.shape[0], 18), np.uint8)
+    put_f16(out, 0, d)
+    out[:, 2:] = nibbles_pack(idx)
+    return out
+
+
+IQUANT_DEQUANT = {
+    GGMLType.IQ4_NL: dequantize_iq4_nl, GGMLType.IQ4_XS: dequantize_iq4_xs,
+    GGMLType.MXFP4: dequantize_mxfp4, GGMLType.NVFP4: dequantize_nvfp4,
+}
+IQUANT_QUANT = {GGMLType.IQ4_NL: quantize_iq4_nl}
