@@ -19,6 +19,11 @@ class Unsupported(Exception):
     """A node this backend cannot run (op, type combination or shape); the message names it."""
 
 
+class ComputeError(RuntimeError):
+    """A graph failed at run time because of its data (e.g. a row index out of range); the message says
+    which node. The worker closes the connection with this reason instead of crashing."""
+
+
 class Buffer:
     """A block of device memory. `base` is the address this buffer has on the wire (non-zero, aligned)."""
 

@@ -1,0 +1,1 @@
+"""Placeholder: this op module is being written (numpy CPU backend ops)."""

@@ -1,0 +1,20 @@
+"""Fixtures for op tests: graphs built and run by the real ggml CPU library, compared with ours."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hybridllm.testing.ggml_ref import GGMLGraph
+
+
+@pytest.fixture
+def g(peer):
+    """A fresh ggml context (16 MiB) on the peer's libggml; closed after the test."""
+    graph = GGMLGraph(16 << 20)
+    yield graph
+    graph.close()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
