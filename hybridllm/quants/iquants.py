@@ -109,8 +109,61 @@ def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def best_index_fp4(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """ggml `best_index_mxfp4(x, d)`: the first index minimising |kv[i]*d - x| (float32), uint8."""
+    err = np.abs(_KV_FP4_F32 * d[..., None] - x[..., None])
+    return err.argmin(axis=-1).astype(np.uint8)
+
+
+def quantize_mxfp4(x: np.ndarray) -> np.ndarray:
+    """ggml `quantize_row_mxfp4_ref`: e = floor(log2f(amax)) - 2 + 127, then nearest FP4 value.
+
+    log2f is taken as float64 log2 rounded to float32 (glibc's log2f is correctly rounded in practice),
+    which matters only for amax just below a power of two, where it can round up to the integer.
+    """
+    amax = np.abs(x).max(axis=1)
+    with np.errstate(divide="ignore"):
+        lg = np.log2(amax.astype(np.float64)).astype(np.float32)
+    e = np.where(amax > 0, np.floor(lg) - 2 + 127, 0)
+    e = np.where(np.isfinite(e), e, 0).astype(np.int32).astype(np.uint8)  # (uint8_t) of the float
+    d = e8m0_to_f32_half(e)
+    out = np.empty((x.shape[0], 17), np.uint8)
+    out[:, 0] = e
+    out[:, 1:] = nibbles_pack(best_index_fp4(x, d[:, None]))
+    return out
+
+
+def f32_to_ue4m3(x: np.ndarray) -> np.ndarray:
+    """ggml_fp32_to_ue4m3 (positive x; NaN and x <= 0 give 0; saturates at 0x7E)."""
+    pos = x > 0
+    x = np.minimum(np.where(pos, x, F32(1)), F32(448)).astype(np.float32)
+    bits = x.view(np.uint32)
+    exp = ((bits >> 23) & 0xFF).astype(np.int32) - 127 + 7
+    man = ((bits >> 20) & 7).astype(np.int32) + ((bits >> 19) & 1).astype(np.int32)
+    exp = np.where(man > 7, exp + 1, exp)
+    man = np.where(man > 7, 0, man)
+    normal = np.where(exp >= 15, 0x7E, (exp << 3) | man)
+    sub = np.trunc(x * F32(512) + F32(0.5)).astype(np.int32)
+    sub = np.where(sub < 1, 0, np.minimum(sub, 7))
+    raw_exp = ((bits >> 23) & 0xFF).astype(np.int32) - 127 + 7
+    return np.where(pos, np.where(raw_exp <= 0, sub, normal), 0).astype(np.uint8)
+
+
+def quantize_nvfp4(x: np.ndarray) -> np.ndarray:
+    """ggml `quantize_row_nvfp4_ref`: per 16 values ue = ue4m3(amax/6), then nearest FP4 value."""
+    n = x.shape[0]
+    xs = x.reshape(n, 4, 16)
+    ue = f32_to_ue4m3((np.abs(xs).max(axis=2) / F32(6)).astype(np.float32))     # (N, 4)
+    idx = best_index_fp4(xs, UE4M3_HALF[ue][:, :, None])                        # (N, 4, 16)
+    out = np.empty((n, 36), np.uint8)
+    out[:, 0:4] = ue
+    out[:, 4:] = nibbles_pack(idx.reshape(n * 4, 16)).reshape(n, 32)
+    return out
+
+
 IQUANT_DEQUANT = {
     GGMLType.IQ4_NL: dequantize_iq4_nl, GGMLType.IQ4_XS: dequantize_iq4_xs,
     GGMLType.MXFP4: dequantize_mxfp4, GGMLType.NVFP4: dequantize_nvfp4,
 }
-IQUANT_QUANT = {GGMLType.IQ4_NL: quantize_iq4_nl}
+IQUANT_QUANT = {GGMLType.IQ4_NL: quantize_iq4_nl, GGMLType.MXFP4: quantize_mxfp4,
+                GGMLType.NVFP4: quantize_nvfp4}

@@ -87,8 +87,10 @@ def quantize_q4_0(x: np.ndarray) -> np.ndarray:
 
 
 def _asymmetric_scale(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mn = x.min(axis=1, keepdims=True)
-    mx = x.max(axis=1, keepdims=True)
+    # The first extreme element, as ggml's `v < min` / `v > max` scan keeps it (this fixes the sign
+    # of zero when -0.0 and 0.0 are both present, which reaches the stored f16 d and m).
+    mn = np.take_along_axis(x, x.argmin(axis=1)[:, None], axis=1)
+    mx = np.take_along_axis(x, x.argmax(axis=1)[:, None], axis=1)
     d = ((mx - mn) / F32(levels)).astype(np.float32)
     return d, safe_recip(d), mn
 

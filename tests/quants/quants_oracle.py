@@ -34,6 +34,7 @@ _FROM_FLOAT = {
     GGMLType.Q8_0: "quantize_row_q8_0", GGMLType.Q8_1: "quantize_row_q8_1",
     GGMLType.Q8_K: "quantize_row_q8_K", GGMLType.IQ4_NL: "quantize_row_iq4_nl",
     GGMLType.IQ4_XS: "quantize_row_iq4_xs", GGMLType.MXFP4: "quantize_row_mxfp4",
+    GGMLType.NVFP4: "quantize_row_nvfp4",
 }
 _REF_FROM_FLOAT = {GGMLType.Q8_0: "quantize_row_q8_0_ref", GGMLType.Q8_1: "quantize_row_q8_1_ref"}
 

@@ -167,7 +167,8 @@ def test_q8_k_edge_cases() -> None:
 
 # Round trip bound per element, in units of the block's largest |x| (or absolute for plain types).
 _BOUND = {T.Q8_0: 0.6 / 127, T.Q8_1: 0.6 / 127, T.Q8_K: 0.501 / 127, T.Q4_0: 1.01 / 8, T.Q5_0: 1.01 / 16,
-          T.Q4_1: 0.6 * 2 / 15, T.Q5_1: 0.6 * 2 / 31, T.IQ4_NL: 0.14}
+          T.Q4_1: 0.6 * 2 / 15, T.Q5_1: 0.6 * 2 / 31, T.IQ4_NL: 0.14,
+          T.MXFP4: 0.5, T.NVFP4: 0.25}  # MXFP4 clips: its largest value 6*2^E can lie below amax < 2^(E+1)
 
 
 @pytest.mark.parametrize("t", sorted(QUANTIZE_TYPES), ids=lambda t: T(t).name)
@@ -197,3 +198,14 @@ def test_shapes_and_errors() -> None:
         quantize(x[..., :40], T.Q8_0)
     with pytest.raises(ValueError):
         quantize(x, T.IQ2_XXS)
+
+
+@pytest.mark.parametrize("t", [T.MXFP4, T.NVFP4], ids=["MXFP4", "NVFP4"])
+def test_fp4_scale_boundaries(t: int) -> None:
+    """amax at, just below and just above every power of two (subnormals included): the shared
+    exponent (MXFP4 floor(log2f)) and the UE4M3 rounding/saturation (NVFP4) agree with ggml."""
+    p = (2.0 ** np.arange(-140, 100)).astype(np.float32)
+    v = np.concatenate([p, np.nextafter(p, np.float32(0)), np.nextafter(p, np.float32(np.inf))])
+    x = np.zeros((len(v), TRAITS[t].blck_size), np.float32)
+    x[:, 3], x[:, 5], x[:, -1] = v, -v * np.float32(0.3), v * np.float32(6 * 448)
+    assert (quantize(x, t) == oracle.from_float(x, t)).all()
