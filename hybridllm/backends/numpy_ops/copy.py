@@ -71,9 +71,10 @@ def _copy_kernel(src_v: np.ndarray, dst_v: np.ndarray, conv: Callable[[np.ndarra
 
 
 def _to_quantized(node: Tensor, src: Tensor) -> Kernel:
-    from ...quants import quantize
+    from ...quants import QUANTIZE_TYPES, quantize
     from .elementwise import f32_source
     tr = TRAITS[node.type]
+    require(node.type in QUANTIZE_TYPES, node, f"cannot quantize into {type_name(node.type)}")
     require(src.type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16), node,
             f"cannot quantize from {type_name(src.type)}")
     require(node.is_contiguous, node, "quantized destination must be contiguous")
@@ -88,7 +89,8 @@ def _to_quantized(node: Tensor, src: Tensor) -> Kernel:
 
 
 def _from_quantized(node: Tensor, src: Tensor) -> Kernel:
-    from ...quants import dequantize
+    from ...quants import DEQUANTIZE_TYPES, dequantize
+    require(src.type in DEQUANTIZE_TYPES, node, f"cannot dequantize {type_name(src.type)}")
     require(node.type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16), node,
             f"cannot dequantize into {type_name(node.type)}")
     rows = rows_view(src)
