@@ -193,18 +193,64 @@ def run_master(model: str | Path, out_dir: str | Path, *, rpc: Sequence[str] = (
     with open(log_path, "wb") as log:
         try:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1", "GGML_NO_BACKTRACE": "1"})
             rc: int | str = proc.returncode
         except subprocess.TimeoutExpired:
             rc = f"timeout after {timeout:.0f}s"
     text = log_path.read_text(errors="replace")
     if rc != 0 or not (out / "result.json").exists():
-        tail = "\n".join(text.splitlines()[-25:])
+        tail = "\n".join(text.splitlines()[-12:])  # ggml's abort message is last (no gdb backtrace)
         raise MasterFailed(f"peer master failed ({rc}) for {Path(model).name} rpc={list(rpc)}:\n{tail}")
     data = json.loads((out / "result.json").read_text())
     return MasterResult(prompt_tokens=data["prompt_tokens"], tokens=data["tokens"], fed=data["fed"],
                         logits=np.load(out / "logits.npy"), timings=data["timings"], info=data["info"],
                         log=text)
+
+
+@dataclass
+class Comparison:
+    """Candidate vs reference logits, step by step (steps after the first token divergence excluded)."""
+    rel_err: list[float]       # per step: max|cand - ref| / max|ref|
+    steps_compared: int
+    first_divergence: int | None   # first step whose greedy token differs (None: all equal)
+    tie_only: bool                 # every differing token was a tie within the measured error
+
+    @property
+    def worst(self) -> float:
+        return max(self.rel_err) if self.rel_err else float("inf")
+
+    def summary(self) -> str:
+        div = "none" if self.first_divergence is None else f"step {self.first_divergence}"
+        steps = ", ".join(f"{e:.1e}" for e in self.rel_err[:8]) + (", ..." if len(self.rel_err) > 8 else "")
+        return (f"worst rel err {self.worst:.3e} over {self.steps_compared} steps "
+                f"(per step: {steps}); token divergence: {div}"
+                + (" (ties within error)" if self.first_divergence is not None and self.tie_only else ""))
+
+
+def compare_runs(ref: MasterResult, cand: MasterResult) -> Comparison:
+    """Relative logit error per step, defined as max|cand - ref| / max|ref| over the vocabulary.
+
+    When both runs were fed the same tokens (teacher forcing) all steps are comparable; otherwise steps
+    after the first greedy divergence see different inputs and are left out. A differing argmax counts
+    as a tie when the candidate's pick scores, in the reference logits, within 2x the step's absolute
+    error of the reference's best.
+    """
+    if ref.prompt_tokens != cand.prompt_tokens:
+        raise ValueError("runs used different prompts")
+    n = min(len(ref.logits), len(cand.logits))
+    if ref.logits.shape[1:] != cand.logits.shape[1:]:
+        raise ValueError(f"vocabulary sizes differ: {ref.logits.shape} vs {cand.logits.shape}")
+    errs, first, tie_only = [], None, True
+    for i in range(n):
+        if i > 0 and ref.fed[i - 1] != cand.fed[i - 1]:
+            break
+        r, c = ref.logits[i].astype(np.float64), cand.logits[i].astype(np.float64)
+        abs_err = float(np.max(np.abs(c - r))) if np.all(np.isfinite(c)) else float("inf")
+        errs.append(abs_err / max(float(np.max(np.abs(r))), 1e-30))
+        if ref.tokens[i] != cand.tokens[i]:
+            first = i if first is None else first
+            tie_only = tie_only and bool(r[cand.tokens[i]] >= r.max() - 2 * abs_err)
+    return Comparison(errs, len(errs), first, tie_only)
 
 
 if __name__ == "__main__":

@@ -125,12 +125,14 @@ def _spawn(kind: str, cmd_for_port, log_dir: str | Path | None, start_timeout: f
     raise ServerFailed(last)
 
 
-def start_worker(*, device: str = "cpu", extra_args: Sequence[str] = (), log_dir: str | Path | None = None,
-                 start_timeout: float = 60.0, env: dict[str, str] | None = None) -> ServerProc:
-    """Start `python -m hybridllm.cli worker --device DEVICE --host 127.0.0.1 --port P`."""
+def start_worker(*, device: str = "cpu", threads: int | None = 2, extra_args: Sequence[str] = (),
+                 log_dir: str | Path | None = None, start_timeout: float = 60.0,
+                 env: dict[str, str] | None = None) -> ServerProc:
+    """Start `python -m hybridllm.cli worker --device DEVICE --host 127.0.0.1 --port P [--threads N]`."""
     def cmd(port: int) -> list[str]:
+        extra = ["--threads", str(threads)] if threads else []
         return [sys.executable, "-m", "hybridllm.cli", "worker", "--device", device,
-                "--host", HOST, "--port", str(port), *extra_args]
+                "--host", HOST, "--port", str(port), *extra, *extra_args]
     return _spawn("ours", cmd, log_dir, start_timeout, env)
 
 
