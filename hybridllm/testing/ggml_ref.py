@@ -57,7 +57,7 @@ _SIGS: dict[str, str] = {
     "cont_4d": "tllll", "reshape_4d": "tllll", "repeat_4d": "tllll",
     "view_1d": "tlz", "view_2d": "tllzz", "view_3d": "tlllzzz", "view_4d": "tllllzzzz",
     "permute": "tiiii",
-    "rope_ext": "tttiiifffffff", "rope_multi": "tttiaiifffffff", "rope_ext_inplace": "tttiiifffffff",
+    "rope_ext": "tttiiiffffff", "rope_multi": "tttiaiiffffff", "rope_ext_inplace": "tttiiiffffff",
     "soft_max": "t", "soft_max_ext": "ttff",
     "flash_attn_ext": "ttttfff",
     "argsort": "ti", "top_k": "ti", "argsort_top_k": "ti",
