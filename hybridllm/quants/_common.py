@@ -47,6 +47,24 @@ def put_f16(out: np.ndarray, off: int, x: np.ndarray) -> None:
     out[:, off:off + 2] = f16_bits(np.asarray(x).reshape(-1)).view(np.uint8).reshape(-1, 2)
 
 
+def pair_lut(values: np.ndarray) -> np.ndarray:
+    """(256, 2) float32 table: byte b -> (values[b & 15], values[b >> 4])."""
+    b = np.arange(256)
+    return np.stack([values[b & 15], values[b >> 4]], axis=1).astype(np.float32)
+
+
+def decode_pairs(lut: np.ndarray, qs: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Packed nibbles (..., k) -> float32 (..., 2, k): the k low-nibble values then the k high-nibble
+    values, each looked up in `lut` (see pair_lut) and multiplied by `scale` (broadcast to (..., 2, k)).
+
+    One table lookup per byte replaces split + int->float conversion: about twice as fast.
+    """
+    v = np.take(lut, qs, axis=0)                               # (..., k, 2)
+    out = np.empty(qs.shape[:-1] + (2, qs.shape[-1]), np.float32)
+    np.multiply(v.swapaxes(-1, -2), scale, out=out)
+    return out
+
+
 def nibbles_split(qs: np.ndarray) -> np.ndarray:
     """(N, 16) packed bytes -> (N, 32): the 16 low nibbles, then the 16 high nibbles (ggml's layout)."""
     out = np.empty((qs.shape[0], 2 * qs.shape[1]), dtype=np.uint8)

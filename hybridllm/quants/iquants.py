@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ggml.types import GGMLType
-from ._common import F32, f16_field, first_absmax, nibbles_pack, nibbles_split, put_f16, u16_field
+from ._common import F32, decode_pairs, f16_field, first_absmax, nibbles_pack, pair_lut, put_f16, u16_field
 
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
@@ -40,8 +40,12 @@ def _ue4m3_table() -> np.ndarray:
 UE4M3_HALF = _ue4m3_table()
 
 
+_LUT_IQ4 = pair_lut(KVALUES_IQ4NL)
+_LUT_FP4 = pair_lut(KVALUES_MXFP4)
+
+
 def dequantize_iq4_nl(b: np.ndarray) -> np.ndarray:
-    return f16_field(b, 0) * _KV_IQ4_F32[nibbles_split(b[:, 2:18])]
+    return decode_pairs(_LUT_IQ4, b[:, 2:18], f16_field(b, 0)[:, :, None]).reshape(-1, 32)
 
 
 def iq4_xs_scales(b: np.ndarray) -> np.ndarray:
@@ -56,21 +60,19 @@ def iq4_xs_scales(b: np.ndarray) -> np.ndarray:
 
 def dequantize_iq4_xs(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
-    dl = (f16_field(b, 0) * iq4_xs_scales(b).astype(np.float32))[:, :, None]  # float(d) * int
-    q = nibbles_split(b[:, 8:136].reshape(n * 8, 16)).reshape(n, 8, 32)
-    return (dl * _KV_IQ4_F32[q]).reshape(n, 256)
+    dl = f16_field(b, 0) * iq4_xs_scales(b).astype(np.float32)                 # float(d) * int
+    return decode_pairs(_LUT_IQ4, b[:, 8:136].reshape(n, 8, 16), dl[:, :, None, None]).reshape(n, 256)
 
 
 def dequantize_mxfp4(b: np.ndarray) -> np.ndarray:
     d = e8m0_to_f32_half(b[:, 0:1])
-    return _KV_FP4_F32[nibbles_split(b[:, 1:17])] * d
+    return decode_pairs(_LUT_FP4, b[:, 1:17], d[:, :, None]).reshape(-1, 32)
 
 
 def dequantize_nvfp4(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
-    d = UE4M3_HALF[b[:, 0:4]][:, :, None]                                      # (N, 4, 1)
-    q = nibbles_split(b[:, 4:36].reshape(n * 4, 8)).reshape(n, 4, 16)
-    return (_KV_FP4_F32[q] * d).reshape(n, 64)
+    d = UE4M3_HALF[b[:, 0:4]][:, :, None, None]                                # (N, 4, 1, 1)
+    return decode_pairs(_LUT_FP4, b[:, 4:36].reshape(n, 4, 8), d).reshape(n, 64)
 
 
 def best_index_iq4(v: np.ndarray) -> np.ndarray:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..ggml.types import GGMLType
-from ._common import F32, f16_field, f32_field
+from ._common import F32, decode_pairs, f16_field, f32_field, pair_lut
 
 _SHIFT2 = np.array([0, 2, 4, 6], dtype=np.uint8)
+_LUT_U4 = pair_lut(np.arange(16))
 
 
 def dequantize_q2_k(b: np.ndarray) -> np.ndarray:
@@ -76,8 +77,11 @@ def _nibble_pairs(qs: np.ndarray) -> np.ndarray:
 
 
 def dequantize_q4_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
     d1, m1 = _k4_affine(b)
-    return (d1 * _nibble_pairs(b[:, 16:144]) - m1).reshape(b.shape[0], 256)
+    y = decode_pairs(_LUT_U4, b[:, 16:144].reshape(n, 4, 32), d1)            # (d*sc) * q
+    y -= m1
+    return y.reshape(n, 256)
 
 
 def dequantize_q5_k(b: np.ndarray) -> np.ndarray:

@@ -14,21 +14,24 @@ from __future__ import annotations
 import numpy as np
 
 from ..ggml.types import GGMLType
-from ._common import (F32, bits_little, f16_field, first_absmax, nibbles_pack, nibbles_split, put_f16,
-                      safe_recip)
+from ._common import (F32, bits_little, decode_pairs, f16_field, first_absmax, nibbles_pack, nibbles_split,
+                      pair_lut, put_f16, safe_recip)
 
 
 # ---------------------------------------------------------------- dequantize
 
+_LUT_Q4_0 = pair_lut(np.arange(16) - 8)   # (q - 8) as float: exact, so (q-8)*d is bit-identical
+_LUT_U4 = pair_lut(np.arange(16))
+
+
 def dequantize_q4_0(b: np.ndarray) -> np.ndarray:
-    d = f16_field(b, 0)
-    q = nibbles_split(b[:, 2:18]).view(np.int8) - np.int8(8)
-    return q * d
+    return decode_pairs(_LUT_Q4_0, b[:, 2:18], f16_field(b, 0)[:, :, None]).reshape(-1, 32)
 
 
 def dequantize_q4_1(b: np.ndarray) -> np.ndarray:
-    d, m = f16_field(b, 0), f16_field(b, 2)
-    return nibbles_split(b[:, 4:20]) * d + m
+    y = decode_pairs(_LUT_U4, b[:, 4:20], f16_field(b, 0)[:, :, None]).reshape(-1, 32)
+    y += f16_field(b, 2)
+    return y
 
 
 def _q5(b: np.ndarray, qh_off: int) -> np.ndarray:

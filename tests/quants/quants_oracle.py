@@ -76,6 +76,20 @@ def from_float(x: np.ndarray, qtype: int, ref: bool = False) -> np.ndarray:
     return out
 
 
+class _TraitsCPU(ctypes.Structure):
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p),
+                ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]
+
+
+def cpu_vec_dot(qtype: int) -> tuple[bool, int]:
+    """(has a vec_dot, vec_dot_type) from ggml-cpu's `ggml_get_type_traits_cpu`."""
+    f = _libs()[1].ggml_get_type_traits_cpu
+    f.restype = ctypes.POINTER(_TraitsCPU)
+    f.argtypes = [ctypes.c_int]
+    tr = f(qtype).contents
+    return bool(tr.vec_dot), int(tr.vec_dot_type)
+
+
 TO_FLOAT_TYPES = frozenset(int(t) for t in _TO_FLOAT)
 FROM_FLOAT_TYPES = frozenset(int(t) for t in _FROM_FLOAT)
 assert all(TRAITS[t] for t in TO_FLOAT_TYPES)

@@ -16,7 +16,7 @@ from hypothesis.extra.numpy import arrays
 
 import quants_oracle as oracle
 from hybridllm.ggml.types import GGMLType as T, TRAITS
-from hybridllm.quants import QUANTIZE_TYPES, dequantize, quantize
+from hybridllm.quants import QUANTIZE_TYPES, dequantize, quantize, vec_dot_type
 from hybridllm.quants.legacy import quantize_q8_0_ref
 
 # The near-f16-limit rows overflow f16 scales to inf in gguf and in the scalar formulas, as in ggml.
@@ -209,3 +209,14 @@ def test_fp4_scale_boundaries(t: int) -> None:
     x = np.zeros((len(v), TRAITS[t].blck_size), np.float32)
     x[:, 3], x[:, 5], x[:, -1] = v, -v * np.float32(0.3), v * np.float32(6 * 448)
     assert (quantize(x, t) == oracle.from_float(x, t)).all()
+
+
+@pytest.mark.parametrize("t", sorted(TRAITS), ids=lambda t: T(t).name)
+def test_vec_dot_type_matches_ggml_cpu(t: int) -> None:
+    """vec_dot_type() against the peer's ggml-cpu type traits, for every type id it knows."""
+    has_dot, want = oracle.cpu_vec_dot(t)
+    if has_dot:
+        assert vec_dot_type(t) == want
+    elif t != T.Q8_1:  # Q8_1 carries vec_dot_type Q8_1 in ggml's table but has no dot product
+        with pytest.raises(ValueError):
+            vec_dot_type(t)
