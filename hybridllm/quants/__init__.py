@@ -21,12 +21,13 @@ from ._common import DequantFn, QuantFn
 from .iquants import IQUANT_DEQUANT, IQUANT_QUANT
 from .kquants import KQUANT_DEQUANT, KQUANT_QUANT
 from .legacy import LEGACY_DEQUANT, LEGACY_QUANT
+from .lowbit import LOWBIT_DEQUANT, LOWBIT_QUANT
 from .plain import PLAIN_DEQUANT, PLAIN_QUANT
 
 __all__ = ["dequantize", "quantize", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "vec_dot_type"]
 
-_BLOCK_DEQUANT: dict[int, DequantFn] = {**LEGACY_DEQUANT, **KQUANT_DEQUANT, **IQUANT_DEQUANT}
-_BLOCK_QUANT: dict[int, QuantFn] = {**LEGACY_QUANT, **KQUANT_QUANT, **IQUANT_QUANT}
+_BLOCK_DEQUANT: dict[int, DequantFn] = {**LEGACY_DEQUANT, **KQUANT_DEQUANT, **IQUANT_DEQUANT, **LOWBIT_DEQUANT}
+_BLOCK_QUANT: dict[int, QuantFn] = {**LEGACY_QUANT, **KQUANT_QUANT, **IQUANT_QUANT, **LOWBIT_QUANT}
 
 DEQUANTIZE_TYPES: frozenset[int] = frozenset(int(t) for t in {**PLAIN_DEQUANT, **_BLOCK_DEQUANT})
 QUANTIZE_TYPES: frozenset[int] = frozenset(int(t) for t in {**PLAIN_QUANT, **_BLOCK_QUANT})

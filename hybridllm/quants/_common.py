@@ -99,6 +99,13 @@ def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return amax, mx
 
 
+def roundf(v: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero), exactly: floor(|v| + 0.5) would round 0.49999997 up."""
+    a = np.abs(v)
+    fl = np.floor(a)
+    return np.copysign(fl + np.floor(F32(2) * (a - fl)), v)
+
+
 def safe_recip(d: np.ndarray) -> np.ndarray:
     """`d ? 1.0f/d : 0.0f` in float32."""
     with np.errstate(divide="ignore"):

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..ggml.types import GGMLType
 from ._common import (F32, bits_little, decode_pairs, f16_field, first_absmax, nibbles_pack, nibbles_split,
-                      pair_lut, put_f16, safe_recip)
+                      pair_lut, put_f16, roundf, safe_recip)
 
 
 # ---------------------------------------------------------------- dequantize
@@ -60,13 +60,6 @@ def dequantize_q8_1(b: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- reference quantizers (ggml-base)
-
-def roundf(v: np.ndarray) -> np.ndarray:
-    """C roundf (half away from zero), exactly: floor(|v| + 0.5) would round 0.49999997 up."""
-    a = np.abs(v)
-    fl = np.floor(a)
-    return np.copysign(fl + np.floor(F32(2) * (a - fl)), v)
-
 
 def _trunc_u8(v: np.ndarray) -> np.ndarray:
     """C's `(int8_t)` / `(uint8_t)` of a float that is known to be in [0, 256): truncation."""

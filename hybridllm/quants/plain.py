@@ -44,7 +44,7 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 
 
 def quantize_f32(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint8)
+    return np.array(x, dtype=np.float32, order="C").view(np.uint8)  # a copy: never alias the input
 
 
 def quantize_f16(x: np.ndarray) -> np.ndarray:

@@ -25,7 +25,9 @@ _TO_FLOAT = {
     GGMLType.Q4_K: "dequantize_row_q4_K", GGMLType.Q5_K: "dequantize_row_q5_K",
     GGMLType.Q6_K: "dequantize_row_q6_K", GGMLType.IQ4_NL: "dequantize_row_iq4_nl",
     GGMLType.IQ4_XS: "dequantize_row_iq4_xs", GGMLType.MXFP4: "dequantize_row_mxfp4",
-    GGMLType.NVFP4: "dequantize_row_nvfp4",
+    GGMLType.NVFP4: "dequantize_row_nvfp4", GGMLType.Q1_0: "dequantize_row_q1_0",
+    GGMLType.Q2_0: "dequantize_row_q2_0", GGMLType.TQ1_0: "dequantize_row_tq1_0",
+    GGMLType.TQ2_0: "dequantize_row_tq2_0",
 }
 _FROM_FLOAT = {
     GGMLType.F16: "ggml_cpu_fp32_to_fp16", GGMLType.BF16: "ggml_cpu_fp32_to_bf16",
@@ -34,7 +36,9 @@ _FROM_FLOAT = {
     GGMLType.Q8_0: "quantize_row_q8_0", GGMLType.Q8_1: "quantize_row_q8_1",
     GGMLType.Q8_K: "quantize_row_q8_K", GGMLType.IQ4_NL: "quantize_row_iq4_nl",
     GGMLType.IQ4_XS: "quantize_row_iq4_xs", GGMLType.MXFP4: "quantize_row_mxfp4",
-    GGMLType.NVFP4: "quantize_row_nvfp4",
+    GGMLType.NVFP4: "quantize_row_nvfp4", GGMLType.Q1_0: "quantize_row_q1_0",
+    GGMLType.Q2_0: "quantize_row_q2_0", GGMLType.TQ1_0: "quantize_row_tq1_0",
+    GGMLType.TQ2_0: "quantize_row_tq2_0",
 }
 _REF_FROM_FLOAT = {GGMLType.Q8_0: "quantize_row_q8_0_ref", GGMLType.Q8_1: "quantize_row_q8_1_ref"}
 

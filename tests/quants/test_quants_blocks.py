@@ -12,7 +12,9 @@ from hybridllm.quants.blocks import encode, random_blocks
 # rms(decode(encode(x)) - x) / rms(x) for Gaussian x: what round-to-nearest reaches with each format.
 _REL_RMS = {T.Q2_K: 0.42, T.Q3_K: 0.2, T.Q4_K: 0.1, T.Q5_K: 0.05, T.Q6_K: 0.025, T.IQ4_XS: 0.1,
             T.Q4_0: 0.11, T.Q4_1: 0.1, T.Q5_0: 0.055, T.Q5_1: 0.05, T.Q8_0: 0.008, T.Q8_1: 0.008,
-            T.Q8_K: 0.009, T.IQ4_NL: 0.1, T.MXFP4: 0.15, T.NVFP4: 0.12, T.F16: 1e-3, T.BF16: 5e-3, T.F32: 0}
+            T.Q8_K: 0.009, T.IQ4_NL: 0.1, T.MXFP4: 0.15, T.NVFP4: 0.12, T.F16: 1e-3, T.BF16: 5e-3, T.F32: 0,
+            # binary/ternary formats are made for ternary-trained weights: Gaussian data fits them badly
+            T.Q1_0: 0.65, T.Q2_0: 0.78, T.TQ1_0: 0.87, T.TQ2_0: 0.87}
 
 
 def decode(raw: np.ndarray, t: int, n: int) -> np.ndarray:
