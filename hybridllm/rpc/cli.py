@@ -1,0 +1,88 @@
+"""`hybridllm worker`: a drop-in for llama.cpp's `rpc-server` (RPC protocol 8.0.0)."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Any
+
+from ..cli import CliError
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000 ** 4,
+          "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512M', '1.5g', '4096' -> bytes (binary for K/M/G/T, decimal for KB/MB/GB/TB)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise CliError(f"invalid size {text!r} (examples: 8GiB, 512M, 4096)")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise CliError(f"size {text!r} must be positive")
+    return value
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("worker", help="serve devices to llama.cpp masters over RPC",
+                              description=__doc__)
+    p.add_argument("--device", action="append", default=None, metavar="DEV",
+                   help="device to serve (repeatable; each one is a wire device index): cpu")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50052, help="port (default 50052)")
+    p.add_argument("--mem", default=None, help="memory reported and usable per device, e.g. 8GiB")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="tensor cache directory (compatible with rpc-server -c)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.set_defaults(func=run)
+
+
+def _make_devices(names: list[str], mem: int | None) -> list:
+    from ..backends.numpy_backend import NumpyBackend
+    devices = []
+    for name in names:
+        kind = name.strip().lower()
+        if kind == "cpu":
+            dev = NumpyBackend(mem_limit=mem)
+        elif re.fullmatch(r"(cuda|rocm)(:\d+)?", kind):
+            raise CliError(f"device {name!r}: GPU workers are not available yet (only 'cpu')")
+        else:
+            raise CliError(f"unknown device {name!r} (expected cpu)")
+        devices.append(dev)
+    return devices
+
+
+def _set_threads(n: int) -> None:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)   # effective for BLAS libraries not loaded yet
+    try:
+        import numba
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port {args.port} is out of range 0-65535")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError("--threads must be at least 1")
+        _set_threads(args.threads)
+    mem = parse_size(args.mem) if args.mem is not None else None
+    devices = _make_devices(args.device or ["cpu"], mem)
+    cache = None
+    if args.cache is not None:
+        from .cache import TensorCache
+        try:
+            cache = TensorCache(os.path.expanduser(args.cache))
+        except OSError as exc:
+            raise CliError(f"--cache {args.cache}: {exc.strerror or exc}") from exc
+    from .server import WorkerServer, serve
+    server = WorkerServer(devices, args.host, args.port, cache)
+    try:
+        serve(server)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    return 0
