@@ -18,6 +18,7 @@ import numpy as np
 
 from ..ggml.types import GGMLType, TRAITS, row_size, type_name
 from ._common import DequantFn, QuantFn
+from .iqgrid import IQGRID_DEQUANT
 from .iquants import IQUANT_DEQUANT, IQUANT_QUANT
 from .kquants import KQUANT_DEQUANT, KQUANT_QUANT
 from .legacy import LEGACY_DEQUANT, LEGACY_QUANT
@@ -26,7 +27,8 @@ from .plain import PLAIN_DEQUANT, PLAIN_QUANT
 
 __all__ = ["dequantize", "quantize", "QUANTIZE_TYPES", "DEQUANTIZE_TYPES", "vec_dot_type"]
 
-_BLOCK_DEQUANT: dict[int, DequantFn] = {**LEGACY_DEQUANT, **KQUANT_DEQUANT, **IQUANT_DEQUANT, **LOWBIT_DEQUANT}
+_BLOCK_DEQUANT: dict[int, DequantFn] = {**LEGACY_DEQUANT, **KQUANT_DEQUANT, **IQUANT_DEQUANT, **LOWBIT_DEQUANT,
+                                        **IQGRID_DEQUANT}
 _BLOCK_QUANT: dict[int, QuantFn] = {**LEGACY_QUANT, **KQUANT_QUANT, **IQUANT_QUANT, **LOWBIT_QUANT}
 
 DEQUANTIZE_TYPES: frozenset[int] = frozenset(int(t) for t in {**PLAIN_DEQUANT, **_BLOCK_DEQUANT})

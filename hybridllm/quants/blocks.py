@@ -20,18 +20,21 @@ from .iquants import best_index_iq4
 def random_blocks(qtype: int, n_rows: int, n_cols: int, rng: np.random.Generator,
                   scale: float = 0.02) -> np.ndarray:
     """Rows of `qtype` whose values look like trained weights: ~N(0, scale), each block centred."""
-    x = rng.standard_normal((n_rows, n_cols)).astype(np.float32) * F32(scale)
     bs = TRAITS[qtype].blck_size
+    if bs > 1 and n_cols % bs:
+        raise ValueError(f"{type_name(qtype)}: {n_cols} columns is not a multiple of {bs}")
+    if qtype in _CODEBOOK_SCALE:
+        return _random_codebook(qtype, n_rows, n_cols, rng, scale)
+    x = rng.standard_normal((n_rows, n_cols)).astype(np.float32) * F32(scale)
     if bs > 1:
-        if n_cols % bs:
-            raise ValueError(f"{type_name(qtype)}: {n_cols} columns is not a multiple of {bs}")
         xb = x.reshape(-1, bs)
         xb -= xb.mean(axis=1, keepdims=True)
     return encode(x, qtype)
 
 
 def encode(x: np.ndarray, qtype: int) -> np.ndarray:
-    """float32 [..., n] -> uint8 [..., row_bytes] for every type `dequantize` supports."""
+    """float32 [..., n] -> uint8 [..., row_bytes] for every type `dequantize` supports except the
+    codebook I-quants (IQ1_*, IQ2_*, IQ3_*), whose search-based encoders are out of scope."""
     x = np.asarray(x, dtype=np.float32)
     if qtype in QUANTIZE_TYPES:
         return quantize(x, qtype)
@@ -188,3 +191,37 @@ def _encode_iq4_xs(x: np.ndarray) -> np.ndarray:
 
 _RTN = {GGMLType.Q2_K: _encode_q2_k, GGMLType.Q3_K: _encode_q3_k, GGMLType.Q4_K: _encode_q4_k,
         GGMLType.Q5_K: _encode_q5_k, GGMLType.Q6_K: _encode_q6_k, GGMLType.IQ4_XS: _encode_iq4_xs}
+
+
+# ---------------------------------------------------------------- codebook I-quants: random codes
+
+def _set_iq1_m_scale(blocks: np.ndarray, bits: np.ndarray) -> None:
+    """Write f16 bit patterns into the top nibbles of IQ1_M's four u16 scale words (bytes 48..55)."""
+    for k in range(4):
+        hi = 48 + 2 * k + 1
+        blocks[:, hi] = (blocks[:, hi] & 0x0F) | (((bits >> (4 * k)) & 0xF) << 4).astype(np.uint8)
+
+
+# byte offset of the f16 super-block scale (None: IQ1_M's scattered scale)
+_CODEBOOK_SCALE = {GGMLType.IQ2_XXS: 0, GGMLType.IQ2_XS: 0, GGMLType.IQ2_S: 0, GGMLType.IQ3_XXS: 0,
+                   GGMLType.IQ3_S: 0, GGMLType.IQ1_S: 0, GGMLType.IQ1_M: None}
+
+
+def _random_codebook(qtype: int, n_rows: int, n_cols: int, rng: np.random.Generator,
+                     scale: float) -> np.ndarray:
+    """Random codes and sub-scales; each block's f16 scale is set so that its rms is `scale`."""
+    from . import dequantize
+    tr = TRAITS[qtype]
+    blocks = rng.integers(0, 256, (n_rows * n_cols // tr.blck_size, tr.type_size), dtype=np.uint8)
+    off = _CODEBOOK_SCALE[qtype]
+
+    def put(d: np.ndarray) -> None:
+        if off is None:
+            _set_iq1_m_scale(blocks, f16_bits(d).astype(np.uint16))
+        else:
+            put_f16(blocks, off, d)
+
+    put(np.ones(blocks.shape[0], np.float32))
+    rms = np.sqrt((dequantize(blocks, qtype, tr.blck_size) ** 2).mean(axis=1))
+    put(np.where(rms > 0, F32(scale) / np.where(rms > 0, rms, 1), 0).astype(np.float32))
+    return blocks.reshape(n_rows, -1)

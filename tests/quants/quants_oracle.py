@@ -27,7 +27,10 @@ _TO_FLOAT = {
     GGMLType.IQ4_XS: "dequantize_row_iq4_xs", GGMLType.MXFP4: "dequantize_row_mxfp4",
     GGMLType.NVFP4: "dequantize_row_nvfp4", GGMLType.Q1_0: "dequantize_row_q1_0",
     GGMLType.Q2_0: "dequantize_row_q2_0", GGMLType.TQ1_0: "dequantize_row_tq1_0",
-    GGMLType.TQ2_0: "dequantize_row_tq2_0",
+    GGMLType.TQ2_0: "dequantize_row_tq2_0", GGMLType.IQ2_XXS: "dequantize_row_iq2_xxs",
+    GGMLType.IQ2_XS: "dequantize_row_iq2_xs", GGMLType.IQ2_S: "dequantize_row_iq2_s",
+    GGMLType.IQ3_XXS: "dequantize_row_iq3_xxs", GGMLType.IQ3_S: "dequantize_row_iq3_s",
+    GGMLType.IQ1_S: "dequantize_row_iq1_s", GGMLType.IQ1_M: "dequantize_row_iq1_m",
 }
 _FROM_FLOAT = {
     GGMLType.F16: "ggml_cpu_fp32_to_fp16", GGMLType.BF16: "ggml_cpu_fp32_to_bf16",

@@ -16,7 +16,8 @@ from hybridllm.quants import DEQUANTIZE_TYPES, dequantize
 # Byte offsets of the f16 scale fields of each block type (quant-formats.md); Q8_K has an f32 d at 0.
 F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.Q8_1: [0, 2],
               T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
-              T.IQ4_NL: [0], T.IQ4_XS: [0], T.Q1_0: [0], T.Q2_0: [0], T.TQ1_0: [52], T.TQ2_0: [64]}
+              T.IQ4_NL: [0], T.IQ4_XS: [0], T.Q1_0: [0], T.Q2_0: [0], T.TQ1_0: [52], T.TQ2_0: [64],
+              T.IQ2_XXS: [0], T.IQ2_XS: [0], T.IQ2_S: [0], T.IQ3_XXS: [0], T.IQ3_S: [0], T.IQ1_S: [0]}
 REQUIRED = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q8_1, T.Q8_K, T.Q2_K,
             T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4}
 BLOCK_TYPES = sorted(t for t in DEQUANTIZE_TYPES if TRAITS[t].blck_size > 1)
@@ -41,6 +42,8 @@ def sane_rows(t: int, rows: int, rng: np.random.Generator, n: int = 0) -> np.nda
     for off in F16_FIELDS.get(t, []):
         vals = (rng.standard_normal(blocks.shape[0]) * 0.05).astype(np.float16)
         blocks[:, off:off + 2] = vals.view(np.uint8).reshape(-1, 2)
+    if t == T.IQ1_M:  # its f16 scale is spread over the top nibbles of 4 u16: clear the exponent MSB
+        blocks[:, 55] &= 0xBF
     if t == T.MXFP4:
         blocks[:, 0] = rng.integers(110, 131, blocks.shape[0])
     if t == T.Q8_K:
@@ -143,7 +146,7 @@ def test_plain_types_unaligned() -> None:
 @pytest.mark.parametrize("bad", [
     lambda: dequantize(np.zeros((2, 17), np.uint8), T.Q4_0, 32),      # wrong row size
     lambda: dequantize(np.zeros((2, 18), np.uint8), T.Q4_0, 31),      # n not a block multiple
-    lambda: dequantize(np.zeros((2, 18), np.uint8), T.IQ2_XXS, 256),  # unsupported type
+    lambda: dequantize(np.zeros((2, 18), np.uint8), T.I32, 256),      # not a dequantizable type
     lambda: dequantize(np.zeros((2, 18), np.uint8), 4, 32),           # removed type id
 ])
 def test_bad_input_raises_value_error(bad) -> None:
