@@ -4,12 +4,17 @@
     w = dequantize(raw, GGMLType.Q4_K, n)     # uint8 [..., row_bytes] -> float32 [..., n]
     q = quantize(x, GGMLType.Q8_0)            # float32 [..., n]      -> uint8 [..., row_bytes]
 
-Everything is bit-exact with the peer's ggml (llama.cpp b11739 on x86-64 with AVX2):
-* `dequantize` = ggml-base `dequantize_row_*` (the `to_float` GET_ROWS and CPY use).
+Everything is bit-exact with the peer's ggml (llama.cpp b11739, x86-64 AVX2 build of ggml-cpu):
+* `dequantize` = ggml-base `dequantize_row_*` (the `to_float` GET_ROWS and CPY use), for F32, F16, BF16,
+  Q4_0..Q8_1, Q2_K..Q8_K, IQ4_NL, IQ4_XS, MXFP4, NVFP4, Q1_0, Q2_0, TQ1_0, TQ2_0 and the codebook
+  I-quants IQ1_S/M, IQ2_XXS/XS/S, IQ3_XXS/S.
 * `quantize` = ggml-cpu's `from_float` of the type (what MUL_MAT runs on activations, and what CPY /
   SET_ROWS run into quantized caches): the AVX2 Q8_0/Q8_1 quantizers (round half to even, id =
-  127/amax), the Q8_K / Q4_0 / Q4_1 / Q5_0 / Q5_1 / IQ4_NL reference quantizers, F16 RNE, ggml BF16.
-  `legacy.quantize_q8_0_ref` is the portable Q8_0 reference (roundf) that model files are written with.
+  127/amax), the reference quantizers of Q8_K, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, MXFP4, NVFP4, Q1_0,
+  Q2_0, TQ1_0, TQ2_0, F16 round-to-nearest-even and ggml's BF16. Not available: the search-based
+  K-quant, IQ4_XS and codebook quantizers (no inference graph produces them; `blocks.encode` has
+  simple encoders for tests). `legacy.quantize_q8_0_ref` is the portable Q8_0 reference (roundf)
+  that model files are written with.
 Work is chunked so that temporaries stay cache-sized and peak memory stays near the output's size.
 """
 from __future__ import annotations

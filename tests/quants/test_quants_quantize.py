@@ -168,8 +168,10 @@ def test_q8_k_edge_cases() -> None:
 # Round trip bound per element, in units of the block's largest |x| (or absolute for plain types).
 _BOUND = {T.Q8_0: 0.6 / 127, T.Q8_1: 0.6 / 127, T.Q8_K: 0.501 / 127, T.Q4_0: 1.01 / 8, T.Q5_0: 1.01 / 16,
           T.Q4_1: 0.6 * 2 / 15, T.Q5_1: 0.6 * 2 / 31, T.IQ4_NL: 0.14,
-          T.MXFP4: 0.5, T.NVFP4: 0.25, T.Q2_0: 0.501, T.TQ1_0: 0.501, T.TQ2_0: 0.501,  # d = amax: {-d, 0, d}
-          T.Q1_0: 1.001}  # Q1_0 keeps only signs and d = mean |x|  # MXFP4 clips: its largest value 6*2^E can lie below amax < 2^(E+1)
+          # MXFP4 clips: its largest value 6*2^E can lie below amax < 2^(E+1)
+          T.MXFP4: 0.5, T.NVFP4: 0.25,
+          # d = amax and values {-d, 0, d}; Q1_0 keeps only signs and d = mean |x|
+          T.Q2_0: 0.501, T.TQ1_0: 0.501, T.TQ2_0: 0.501, T.Q1_0: 1.001}
 
 
 @pytest.mark.parametrize("t", sorted(QUANTIZE_TYPES), ids=lambda t: T(t).name)
