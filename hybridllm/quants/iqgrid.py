@@ -39,9 +39,12 @@ def _ksigns() -> np.ndarray:
 _KSIGNS = _ksigns()
 
 
+_SIGN_LUT = np.where((np.arange(256, dtype=np.uint8)[:, None] >> _BIT8) & 1, F32(-1), F32(1)).astype(np.float32)
+
+
 def _sign_values(signs: np.ndarray) -> np.ndarray:
     """Sign bytes (...) -> (..., 8) float32 of ±1.0 (bit j set -> -1)."""
-    return np.where((signs[..., None] >> _BIT8) & 1, F32(-1), F32(1))
+    return np.take(_SIGN_LUT, signs, axis=0)
 
 
 def _u32(b: np.ndarray, off: int, count: int) -> np.ndarray:
@@ -62,7 +65,7 @@ def dequantize_iq2_xxs(b: np.ndarray) -> np.ndarray:
     db = _iq2_db(f16_field(b, 0), aux[:, :, 1] >> 28)[:, :, None, None]
     idx = np.ascontiguousarray(aux[:, :, 0]).view(np.uint8).reshape(n, 8, 4)
     sg = _KSIGNS[(aux[:, :, 1:2] >> np.array([0, 7, 14, 21], np.uint32)) & 127]
-    return (db * grid("IQ2_XXS")[idx] * _sign_values(sg)).reshape(n, 256)
+    return (db * np.take(grid("IQ2_XXS"), idx, axis=0) * _sign_values(sg)).reshape(n, 256)
 
 
 def dequantize_iq2_xs(b: np.ndarray) -> np.ndarray:
@@ -71,7 +74,7 @@ def dequantize_iq2_xs(b: np.ndarray) -> np.ndarray:
     sc = b[:, 66:74]
     db = _iq2_db(f16_field(b, 0)[:, :, None], np.stack([sc & 0x0F, sc >> 4], axis=2))  # (n, 8, 2)
     db = np.repeat(db, 2, axis=2)[..., None]                                    # group l uses db[l // 2]
-    return (db * grid("IQ2_XS")[q & 511] * _sign_values(_KSIGNS[q >> 9])).reshape(n, 256)
+    return (db * np.take(grid("IQ2_XS"), q & 511, axis=0) * _sign_values(_KSIGNS[q >> 9])).reshape(n, 256)
 
 
 def dequantize_iq2_s(b: np.ndarray) -> np.ndarray:
@@ -82,14 +85,14 @@ def dequantize_iq2_s(b: np.ndarray) -> np.ndarray:
     sc = b[:, 74:82]
     db = _iq2_db(f16_field(b, 0)[:, :, None], np.stack([sc & 0x0F, sc >> 4], axis=2))
     db = np.repeat(db, 2, axis=2)[..., None]
-    return (db * grid("IQ2_S")[idx] * _sign_values(signs)).reshape(n, 256)
+    return (db * np.take(grid("IQ2_S"), idx, axis=0) * _sign_values(signs)).reshape(n, 256)
 
 
 def dequantize_iq3_xxs(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
     aux = _u32(b, 66, 8)                                                        # (n, 8)
     db = (f16_field(b, 0) * (F32(0.5) + (aux >> 28).astype(np.float32)) * F32(0.5))[:, :, None, None]
-    g = grid("IQ3_XXS")[b[:, 2:66]].reshape(n, 8, 4, 8)                         # two 4-wide rows per group
+    g = np.take(grid("IQ3_XXS"), b[:, 2:66], axis=0).reshape(n, 8, 4, 8)         # two 4-wide rows per group
     sg = _KSIGNS[(aux[:, :, None] >> np.array([0, 7, 14, 21], np.uint32)) & 127]
     return (db * g * _sign_values(sg)).reshape(n, 256)
 
@@ -99,7 +102,7 @@ def dequantize_iq3_s(b: np.ndarray) -> np.ndarray:
     qh = b[:, 66:74].astype(np.uint16)[:, :, None]
     high = ((qh >> np.arange(8, dtype=np.uint16)) & 1) << 8                    # bit k -> index k of the sub-block
     idx = b[:, 2:66].reshape(n, 8, 8) | high
-    g = grid("IQ3_S")[idx].reshape(n, 8, 4, 8)
+    g = np.take(grid("IQ3_S"), idx, axis=0).reshape(n, 8, 4, 8)
     sc = b[:, 106:110]
     mult = (1 + 2 * np.stack([sc & 0x0F, sc >> 4], axis=2).reshape(n, 8)).astype(np.float32)
     db = (f16_field(b, 0) * mult)[:, :, None, None]
@@ -109,7 +112,7 @@ def dequantize_iq3_s(b: np.ndarray) -> np.ndarray:
 def _iq1_values(dl: np.ndarray, idx: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """dl * (grid[idx] + ±delta), dl (n, 8, 4, 1), idx/neg (n, 8, 4)."""
     delta = np.where(neg, -IQ1S_DELTA, IQ1S_DELTA)[..., None]
-    return dl * (grid("IQ1_S")[idx] + delta)
+    return dl * (np.take(grid("IQ1_S"), idx, axis=0) + delta)
 
 
 def dequantize_iq1_s(b: np.ndarray) -> np.ndarray:
