@@ -63,7 +63,7 @@ _SIGS: dict[str, str] = {
     "argsort": "ti", "top_k": "ti", "argsort_top_k": "ti",
     "concat": "tti", "pad": "tiiii", "pad_ext": "tiiiiiiii", "pad_circular": "tiiii",
     "pad_ext_circular": "tiiiiiiii", "fill": "tf", "fill_inplace": "tf", "arange": "fff",
-    "im2col": "ttiiiiiibi", "interpolate": "tlllli", "upscale": "tii",
+    "im2col": "ttiiiiiibi", "interpolate": "tlllli", "upscale": "tii", "tri": "ti",
     # no context
     "nc:soft_max_add_sinks": "tt", "nc:flash_attn_ext_add_sinks": "tt", "nc:flash_attn_ext_set_prec": "ti",
     "nc:rope_set_offset": "ti", "nc:set_output": "t", "nc:set_input": "t",
@@ -187,10 +187,10 @@ class GGMLGraph:
         self._count += 1
         t.set_name(name or f"in{self._count}")
         if data is not None:
-            self.fill(t, data)
+            self.upload(t, data)
         return t
 
-    def fill(self, t: GT, data: np.ndarray) -> None:
+    def upload(self, t: GT, data: np.ndarray) -> None:
         tt = t.type
         ne, nb = t.ne, t.nb
         values = np.asarray(data)

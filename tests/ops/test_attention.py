@@ -1,0 +1,103 @@
+"""SOFT_MAX and FLASH_ATTN_EXT against real ggml (and FA against an independent float64 formula)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hybridllm.ggml.types import GGMLType as T
+
+
+def _mask(rng, n_kv, n_rows, typ_pad=1, causal_from=None):
+    m = np.where(rng.random((n_rows, n_kv)) < 0.2, -np.inf, 0.0)
+    m[:, 0] = 0.0
+    return m
+
+
+@pytest.mark.parametrize("mask_type", [None, T.F16, T.F32])
+def test_soft_max(g, rng, mask_type):
+    x = g.new(T.F32, (37, 5, 4, 2), rng.standard_normal(37 * 40) * 3)
+    outs = [g.soft_max(x)]
+    if mask_type is not None:
+        m = g.new(mask_type, (37, 8, 2, 1), np.where(rng.random(37 * 16) < 0.3, -np.inf, rng.standard_normal(37 * 16)))
+        outs += [g.soft_max_ext(x, m, 0.125, 0.0), g.soft_max_ext(x, m, 1.0, 8.0)]
+        sm = g.soft_max_ext(x, m, 0.5, 0.0)
+        g.soft_max_add_sinks(sm, g.new(T.F32, (4,), rng.standard_normal(4)))
+        outs.append(sm)
+    g.run(*outs).assert_close(rtol=1e-6, atol=1e-7)
+
+
+def _fa_inputs(g, rng, D, Dv, n_q, n_kv, H, H_kv, S, kv_type, mask=True):
+    q = g.new(T.F32, (D, H, n_q, S), rng.standard_normal(D * H * n_q * S))
+    qp = g.permute(q, 0, 2, 1, 3)                                       # (D, n_q, H, S) as llama.cpp builds it
+    kc = g.new(kv_type, (D, H_kv, n_kv, S), rng.standard_normal(D * H_kv * n_kv * S))
+    vc = g.new(kv_type, (Dv, H_kv, n_kv, S), rng.standard_normal(Dv * H_kv * n_kv * S))
+    k, v = g.permute(kc, 0, 2, 1, 3), g.permute(vc, 0, 2, 1, 3)       # permuted cache views
+    m = None
+    if mask:
+        mv = np.where(rng.random((S, 1, n_q, n_kv)) < 0.25, -np.inf, 0.0)
+        mv[..., 0] = 0
+        m = g.new(T.F16, (n_kv, n_q, 1, S), mv)
+    return qp, k, v, m
+
+
+def _fa_reference(res, q, k, v, m, scale, softcap=0.0, sinks=None, q_f16=False):
+    """Exact attention in float64 from the tensors' values (Q rounded to F16 if `q_f16`)."""
+    qv = res.ref(q)                               # (S, H, n_q, D)
+    if q_f16:
+        qv = qv.astype(np.float16).astype(np.float64)
+    kv, vv = res.ref(k), res.ref(v)               # (S, H_kv, n_kv, D)
+    S, H, n_q, _ = qv.shape
+    rk = H // kv.shape[1]
+    kk = np.repeat(kv, rk, axis=1)
+    vv = np.repeat(vv, H // vv.shape[1], axis=1)
+    s = np.einsum("shqd,shkd->shqk", qv, kk) * scale
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    if m is not None:
+        s = s + res.ref(m)[:, :, :n_q, :]
+    mx = s.max(-1, keepdims=True)
+    if sinks is not None:
+        mx = np.maximum(mx, sinks[None, :, None, None])
+    e = np.exp(s - mx)
+    den = e.sum(-1, keepdims=True) + (np.exp(sinks[None, :, None, None] - mx) if sinks is not None else 0)
+    return np.einsum("shqk,shkd->sqhd", e / den, vv)
+
+
+@pytest.mark.parametrize("kv_type", [T.F32, T.F16])
+@pytest.mark.parametrize("n_q,n_kv", [(1, 256), (1, 512), (7, 96), (64, 128)])
+def test_flash_attn_ext(g, rng, kv_type, n_q, n_kv):
+    D, H, H_kv, S = 64, 4, 2, 1
+    q, k, v, m = _fa_inputs(g, rng, D, D, n_q, n_kv, H, H_kv, S, kv_type)
+    out = g.flash_attn_ext(q, k, v, m, 0.125, 0.0, 0.0)
+    res = g.run(out)
+    row_path = n_q < 64            # ggml's row-by-row kernel: Q rounded to K's type, F16 V accumulator
+    ref64 = _fa_reference(res, q, k, v, m, 0.125, q_f16=row_path and kv_type == T.F16)
+    # our result is exact attention in float32
+    assert np.allclose(res.ours(out), ref64, rtol=1e-5, atol=2e-6)
+    f16_accumulator = kv_type == T.F16 and row_path
+    res.assert_close(rtol=3e-3 if f16_accumulator else 2e-5, atol=3e-3 if f16_accumulator else 2e-6)
+
+
+def test_flash_attn_ext_gqa_sinks_softcap_alibi_batch(g, rng):
+    D, Dv, n_q, n_kv, H, H_kv, S = 32, 48, 3, 80, 8, 2, 2
+    q, k, v, m = _fa_inputs(g, rng, D, Dv, n_q, n_kv, H, H_kv, S, T.F32)
+    sinks = g.new(T.F32, (H,), rng.standard_normal(H))
+    o1 = g.flash_attn_ext(q, k, v, m, 0.2, 0.0, 30.0)
+    o2 = g.flash_attn_ext(q, k, v, m, 0.2, 0.0, 0.0)
+    g.flash_attn_ext_add_sinks(o2, sinks)
+    o3 = g.flash_attn_ext(q, k, v, m, 0.2, 4.0, 0.0)
+    o4 = g.flash_attn_ext(q, k, v, None, 0.2, 0.0, 0.0)
+    res = g.run(o1, o2, o3, o4)
+    res.assert_close(rtol=2e-5, atol=2e-6)
+    assert np.allclose(res.ours(o2), _fa_reference(res, q, k, v, m, 0.2, sinks=res.ref(sinks).ravel()),
+                       rtol=1e-5, atol=2e-6)
+
+
+def test_flash_attn_ext_fully_masked_row(g, rng):
+    D, n_q, n_kv, H = 16, 2, 32, 2
+    q, k, v, _ = _fa_inputs(g, rng, D, D, n_q, n_kv, H, H, 1, T.F16, mask=False)
+    mv = np.zeros((n_q, n_kv))
+    mv[1, :] = -np.inf
+    m = g.new(T.F16, (n_kv, n_q), mv)
+    res = g.run(g.flash_attn_ext(q, k, v, m, 0.25, 0.0, 0.0))
+    res.assert_close(rtol=3e-3, atol=3e-3)
