@@ -1,0 +1,51 @@
+"""FLASH_ATTN_EXT on the GPU (kernels/attention.cu): one block per (query, head, sequence)."""
+from __future__ import annotations
+
+from ...ggml.tensor import Tensor
+from ...ggml.types import GGMLOp, GGMLType, type_name
+from . import register
+from .common import F32, I32, I64, BuildCtx, launch, require, src
+from .norm import alibi
+
+_KV_TYPES = {GGMLType.F32: 4, GGMLType.F16: 2, GGMLType.BF16: 2}
+FA_WARPS = 4  # kernels/attention.cu
+
+
+@register(GGMLOp.FLASH_ATTN_EXT)
+def build_flash_attn(node: Tensor, ctx: BuildCtx):
+    q, k, v = src(node, 0), src(node, 1), src(node, 2)
+    mask, sinks = node.src_at(3), node.src_at(4)
+    require(q.type == GGMLType.F32 and q.nb[0] == 4, node, "Q must be f32 with dense rows")
+    for t in (k, v):
+        require(t.type in _KV_TYPES, node, f"K/V type {type_name(t.type)} not supported on GPU")
+        require(t.nb[0] == _KV_TYPES[t.type], node, "K/V rows must be dense")
+    D, n_q, H, S = q.ne
+    Dv, n_kv = v.ne[0], k.ne[1]
+    require(k.ne[0] == D and v.ne[1] == n_kv, node, "K/V shapes do not match Q")
+    require(H % k.ne[2] == 0 and H % v.ne[2] == 0 and S % k.ne[3] == 0 and S % v.ne[3] == 0, node,
+            "K/V heads do not broadcast")
+    require(max(D, Dv) <= 512, node, "head dimension above 512")
+    require(node.type == GGMLType.F32 and node.ne == (Dv, H, n_q, S) and node.nb[0] == 4, node,
+            "dst must be f32 (Dv, H, n_q, S)")
+    if mask is not None:
+        require(mask.type in (GGMLType.F16, GGMLType.F32) and mask.ne[0] >= n_kv and mask.ne[1] >= n_q,
+                node, "mask must be f16/f32 (>= n_kv, >= n_q)")
+        require(mask.nb[0] == (2 if mask.type == GGMLType.F16 else 4), node, "mask rows not dense")
+        margs = (I32(mask.ne[2]), I32(mask.ne[3]), I64(mask.nb[1]), I64(mask.nb[2]), I64(mask.nb[3]))
+    else:
+        margs = (I32(1), I32(1), I64(0), I64(0), I64(0))
+    if sinks is not None:
+        require(sinks.type == GGMLType.F32 and sinks.ne[0] >= H, node, "sinks must be f32, one per head")
+    scale, max_bias, softcap = node.param_f32(0), node.param_f32(1), node.param_f32(2)
+    if softcap != 0.0:
+        scale /= softcap
+    m0, m1, h2 = alibi(H, max_bias)
+    args = (ctx.ptr(q), ctx.ptr(k), ctx.ptr(v), ctx.ptr(mask), ctx.ptr(sinks), ctx.ptr(node),
+            I32(k.type), I32(v.type), I32(mask.type if mask is not None else -1), I32(D), I32(Dv), I32(n_kv),
+            I32(H // k.ne[2]), I32(S // k.ne[3]), I32(H // v.ne[2]), I32(S // v.ne[3]),
+            I64(q.nb[1]), I64(q.nb[2]), I64(q.nb[3]), I64(k.nb[1]), I64(k.nb[2]), I64(k.nb[3]),
+            I64(v.nb[1]), I64(v.nb[2]), I64(v.nb[3]), *margs, F32(scale), F32(max_bias), F32(m0), F32(m1),
+            I32(h2), F32(softcap), I64(node.nb[1]), I64(node.nb[2]), I64(node.nb[3]))
+    kname = "k_flash_attn_256" if max(D, Dv) <= 256 else "k_flash_attn_512"
+    require(n_q <= 2**31 - 1 and H <= 65535 and S <= 65535, node, "grid too large")
+    return [launch(ctx.fn("attention", kname), (n_q, H, S), (FA_WARPS * ctx.warp,), args)]

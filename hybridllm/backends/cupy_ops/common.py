@@ -1,0 +1,108 @@
+"""Shared helpers for GPU op builders: typed kernel arguments, pointers, grids, checks."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...ggml.tensor import Tensor
+from ...ggml.types import GGMLType, TRAITS, type_name
+from ..base import Unsupported
+
+if TYPE_CHECKING:
+    from ..cupy_backend import CupyBackend, Launch
+
+# Kernel argument constructors: the kernels' C types, exactly (a wrong width is a silent bug on a GPU).
+P = np.uint64     # any pointer
+I32 = np.int32    # int
+I64 = np.int64    # i64 (strides, byte offsets, counts)
+F32 = np.float32  # float
+
+NULL = P(0)
+
+# Element types the elementwise kernels load/store (ggml type ids, see common.cuh T_*).
+FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+ELEM_SIZE = {GGMLType.F32: 4, GGMLType.F16: 2, GGMLType.BF16: 2, GGMLType.I32: 4}
+
+MAX_GRID_YZ = 65535
+
+
+class BuildCtx:
+    """What builders need from the backend while preparing one graph."""
+
+    def __init__(self, backend: CupyBackend) -> None:
+        self.backend = backend
+        self.warp = backend.rt.warp
+        self.err_ptr = P(backend.err_ptr)
+        self.checks = False  # set when a launch validates indices
+
+    def fn(self, module: str, name: str) -> Any:
+        return self.backend.rt.function(module, name)
+
+    def ptr(self, t: Tensor | None) -> np.uint64:
+        """Device address of a tensor's data (NULL for a missing optional source)."""
+        if t is None:
+            return NULL
+        buf = t.buffer
+        if buf is None or getattr(buf, "ptr", None) is None or buf.backend is not self.backend \
+                or getattr(buf, "array", None) is None:
+            raise Unsupported(f"tensor {t.name!r} has no storage on {self.backend.name}")
+        if t.offset < 0 or t.offset + t.nbytes > buf.size:
+            raise Unsupported(f"tensor {t.name!r} lies outside its buffer")
+        return P(buf.ptr + t.offset)  # type: ignore[attr-defined]
+
+    def error_code(self, node: Tensor, what: str) -> np.int32:
+        self.checks = True
+        return I32(self.backend.error_code(node, what))
+
+
+def require(cond: bool, node: Tensor, what: str) -> None:
+    if not cond:
+        raise Unsupported(f"{node.op.name} {node.name!r}: {what}")
+
+
+def src(node: Tensor, i: int) -> Tensor:
+    s = node.src_at(i)
+    require(s is not None, node, f"missing source {i}")
+    return s  # type: ignore[return-value]
+
+
+def ne_args(t: Tensor) -> tuple[np.int32, ...]:
+    return tuple(I32(n) for n in t.ne)
+
+
+def nb_args(t: Tensor) -> tuple[np.int64, ...]:
+    return tuple(I64(n) for n in t.nb)
+
+
+def row_grid(nrows: int) -> tuple[int, int]:
+    """(gy, gz) so that gy * gz >= nrows with gy <= 65535 (rows are blockIdx.y + blockIdx.z * gridDim.y)."""
+    gy = max(1, min(nrows, MAX_GRID_YZ))
+    return gy, (nrows + gy - 1) // gy
+
+
+def elem_threads(ne0: int, warp: int, cap: int = 256) -> int:
+    """Threads per block along dim 0: a multiple of the warp, no more than needed, at most `cap`."""
+    n = (ne0 + warp - 1) // warp * warp
+    return max(warp, min(cap, n))
+
+
+def check_float(node: Tensor, *ts: Tensor) -> None:
+    for t in ts:
+        require(t.type in FLOAT_TYPES, node, f"type {type_name(t.type)} of {t.name!r} is not f32/f16/bf16")
+
+
+def dense_rows(node: Tensor, t: Tensor) -> None:
+    tr = TRAITS[t.type]
+    require(t.nb[0] == tr.type_size, node, f"rows of {t.name!r} are not dense")
+    require(t.ne[0] % tr.blck_size == 0, node, f"ne0 of {t.name!r} is not a whole number of blocks")
+
+
+def launch(fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, smem: int = 0) -> Launch:
+    from ..cupy_backend import Launch
+
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    b = tuple(block) + (1,) * (3 - len(block))
+    if min(g) < 1 or max(g[1:]) > MAX_GRID_YZ or g[0] >= 2**31:
+        raise Unsupported(f"grid {g} out of range")
+    return Launch(fn, g, b, args, smem)  # type: ignore[arg-type]

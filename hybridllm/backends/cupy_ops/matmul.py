@@ -1,0 +1,79 @@
+"""MUL_MAT and MUL_MAT_ID on the GPU (kernels/matmul.cu): matrix-vector kernels for decode, 64x64 tiles
+for prefill, all weight types of kernels/quant/all.cuh dequantized in registers."""
+from __future__ import annotations
+
+from ...ggml.tensor import Tensor
+from ...ggml.types import GGMLOp, GGMLType, TRAITS, type_name
+from . import register
+from .common import I32, I64, BuildCtx, dense_rows, launch, require, src
+
+# ggml type -> kernel suffix and the byte alignment its decoder's loads need (quant/*.cuh ALIGN)
+WEIGHT_TYPES: dict[int, int] = {
+    GGMLType.F32: 4, GGMLType.F16: 2, GGMLType.BF16: 2, GGMLType.Q4_0: 2, GGMLType.Q4_1: 2,
+    GGMLType.Q5_0: 2, GGMLType.Q5_1: 2, GGMLType.Q8_0: 2, GGMLType.IQ4_NL: 2, GGMLType.MXFP4: 1,
+    GGMLType.Q2_K: 2, GGMLType.Q3_K: 2, GGMLType.Q4_K: 4, GGMLType.Q5_K: 4, GGMLType.Q6_K: 2,
+    GGMLType.IQ4_XS: 2,
+}
+
+ROWS_PER_BLOCK = 4   # warps per matrix-vector block, one output row each
+VEC_MAX_COLS = 8     # up to this many columns of B go through the matrix-vector kernels
+TILE = 64            # output tile of the prefill kernel (kernels/matmul.cu MM_BM/MM_BN)
+
+
+def check_weight(node: Tensor, a: Tensor, ctx: BuildCtx) -> None:
+    align = WEIGHT_TYPES.get(a.type)
+    require(align is not None, node, f"weight type {type_name(a.type)} not supported on GPU")
+    dense_rows(node, a)
+    ptr = int(ctx.ptr(a))
+    require((ptr | a.nb[1] | a.nb[2] | a.nb[3]) % align == 0, node,
+            f"weight {a.name!r} is not {align}-byte aligned")
+
+
+def check_activations(node: Tensor, b: Tensor, ctx: BuildCtx) -> None:
+    require(b.type == GGMLType.F32 and b.nb[0] == 4, node, "src1 must be f32 with dense rows")
+    require((int(ctx.ptr(b)) | b.nb[1] | b.nb[2] | b.nb[3]) % 4 == 0, node, "src1 is not 4-byte aligned")
+
+
+@register(GGMLOp.MUL_MAT)
+def build_mul_mat(node: Tensor, ctx: BuildCtx):
+    a, b = src(node, 0), src(node, 1)
+    check_weight(node, a, ctx)
+    check_activations(node, b, ctx)
+    K, M, a2, a3 = a.ne
+    _, N, b2, b3 = b.ne
+    require(b.ne[0] == K and node.ne == (M, N, b2, b3), node, "shapes do not match A^T B")
+    require(b2 % a2 == 0 and b3 % a3 == 0, node, "src0 does not broadcast over src1 dims 2/3")
+    require(node.type == GGMLType.F32 and node.nb[0] == 4, node, "dst must be f32 with dense rows")
+    name = TRAITS[a.type].name
+    args = (ctx.ptr(a), ctx.ptr(b), ctx.ptr(node), I32(K), I32(M), I32(N), I64(a.nb[1]), I64(a.nb[2]),
+            I64(a.nb[3]), I64(b.nb[1]), I64(b.nb[2]), I64(b.nb[3]), I64(node.nb[1]), I64(node.nb[2]),
+            I64(node.nb[3]), I32(b2), I32(b2 // a2), I32(b3 // a3))
+    batch = b2 * b3
+    if N <= VEC_MAX_COLS:
+        kname = f"mul_mat_vec_{name}" if N == 1 else f"mul_mat_vec8_{name}"
+        grid = ((M + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, (N + VEC_MAX_COLS - 1) // VEC_MAX_COLS, batch)
+        return [launch(ctx.fn("matmul", kname), grid, (ctx.warp, ROWS_PER_BLOCK), args)]
+    grid = ((M + TILE - 1) // TILE, (N + TILE - 1) // TILE, batch)
+    return [launch(ctx.fn("matmul", f"mul_mat_tile_{name}"), grid, (256,), args)]
+
+
+@register(GGMLOp.MUL_MAT_ID)
+def build_mul_mat_id(node: Tensor, ctx: BuildCtx):
+    a, b, ids = src(node, 0), src(node, 1), src(node, 2)
+    check_weight(node, a, ctx)
+    check_activations(node, b, ctx)
+    K, M, n_expert, a3 = a.ne
+    _, ne11, n_tokens, b3 = b.ne
+    require(ids.type == GGMLType.I32, node, "ids must be i32")
+    n_used = ids.ne[0]
+    require(a3 == 1 and b3 == 1 and b.ne[0] == K, node, "unsupported shapes")
+    require(ids.ne[1] == n_tokens and node.ne[:3] == (M, n_used, n_tokens), node, "ids/dst shapes differ")
+    require(node.type == GGMLType.F32 and node.nb[0] == 4, node, "dst must be f32 with dense rows")
+    require(n_used * n_tokens <= 65535, node, "too many (slot, token) pairs for one launch")
+    name = TRAITS[a.type].name
+    args = (ctx.ptr(a), ctx.ptr(b), ctx.ptr(ids), ctx.ptr(node), ctx.err_ptr,
+            ctx.error_code(node, "expert id out of range"), I32(K), I32(M), I32(n_expert), I32(n_used),
+            I32(ne11), I64(a.nb[1]), I64(a.nb[2]), I64(b.nb[1]), I64(b.nb[2]), I64(ids.nb[0]),
+            I64(ids.nb[1]), I64(node.nb[1]), I64(node.nb[2]))
+    grid = ((M + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, n_used * n_tokens)
+    return [launch(ctx.fn("matmul", f"mul_mat_id_vec_{name}"), grid, (ctx.warp, ROWS_PER_BLOCK), args)]

@@ -1,0 +1,109 @@
+// FLASH_ATTN_EXT: out[:, h, i, s] = softmax_j(scale * q.k_j (softcap, + slope * mask[j, i])) . v_j
+// with GQA broadcast of K/V heads, optional sinks, and K/V in f32/f16/bf16 (the F16 KV cache).
+//
+// One block per (query i, head h, sequence s): grid (n_q, H, S), block FA_WARPS warps. Each warp runs an
+// online softmax over keys j = warp, warp + FA_WARPS, ...; lanes split the head dimension. The warps'
+// partial (max, sum, accumulator) triples are merged at the end. This serves decode (n_q = 1) well and
+// prefill simply (K/V are re-read per query, from L2).
+#include "common.cuh"
+
+#define FA_WARPS 4
+
+template <int MAXD>
+HL_DEV void flash_attn(const u8* q, const u8* k, const u8* v, const u8* mask, const u8* sinks, u8* dst,
+                       int kt, int vt, int mask_type, int D, int Dv, int n_kv, int rk2, int rk3, int rv2,
+                       int rv3, i64 nbq1, i64 nbq2, i64 nbq3, i64 nbk1, i64 nbk2, i64 nbk3, i64 nbv1,
+                       i64 nbv2, i64 nbv3, int nm2, int nm3, i64 nbm1, i64 nbm2, i64 nbm3, float scale,
+                       float max_bias, float m0, float m1, int n_head_log2, float softcap, i64 nbd1,
+                       i64 nbd2, i64 nbd3) {
+    constexpr int PER = MAXD / HL_WARP;  // head-dim elements per lane
+    __shared__ float sm_max[FA_WARPS], sm_sum[FA_WARPS];
+    __shared__ float sm_acc[FA_WARPS][MAXD];
+    const int i = blockIdx.x, h = blockIdx.y, s = blockIdx.z;
+    const int lane = threadIdx.x % HL_WARP, warp = threadIdx.x / HL_WARP;
+    const int kes = kt == T_F32 ? 4 : 2, ves = vt == T_F32 ? 4 : 2;
+
+    float qr[PER], acc[PER];
+    const float* qp = (const float*)(q + i * nbq1 + h * nbq2 + s * nbq3);
+#pragma unroll
+    for (int t = 0; t < PER; t++) {
+        const int d = lane + t * HL_WARP;
+        qr[t] = d < D ? qp[d] : 0.0f;
+        acc[t] = 0.0f;
+    }
+    const float slope = max_bias > 0.0f ? (h < n_head_log2 ? powf(m0, (float)(h + 1))
+                                                           : powf(m1, (float)(2 * (h - n_head_log2) + 1)))
+                                        : 1.0f;
+    const u8* kb = k + (h / rk2) * nbk2 + (s / rk3) * nbk3;
+    const u8* vb = v + (h / rv2) * nbv2 + (s / rv3) * nbv3;
+    const u8* mr = mask_type >= 0 ? mask + i * nbm1 + (h % nm2) * nbm2 + (s % nm3) * nbm3 : nullptr;
+
+    float M = -f32_inf(), S = 0.0f;
+    for (int j = warp; j < n_kv; j += FA_WARPS) {
+        float mv = 0.0f;
+        if (mr) {
+            mv = slope * (mask_type == T_F16 ? f16_to_f32(((const u16*)mr)[j]) : ((const float*)mr)[j]);
+            if (mv == -f32_inf()) continue;  // uniform across the warp
+        }
+        const u8* kr = kb + j * nbk1;
+        float dot = 0.0f;
+#pragma unroll
+        for (int t = 0; t < PER; t++) {
+            const int d = lane + t * HL_WARP;
+            if (d < D) dot += qr[t] * load_elem(kr + d * kes, kt);
+        }
+        float sc = warp_sum(dot) * scale;
+        if (softcap != 0.0f) sc = softcap * tanhf(sc);
+        sc += mv;
+        const float Mnew = fmaxf(M, sc);
+        const float ms = expf(M - Mnew), vs = expf(sc - Mnew);  // M = -inf first: ms = 0
+        M = Mnew;
+        S = S * ms + vs;
+        const u8* vr = vb + j * nbv1;
+#pragma unroll
+        for (int t = 0; t < PER; t++) {
+            const int d = lane + t * HL_WARP;
+            acc[t] = acc[t] * ms + (d < Dv ? vs * load_elem(vr + d * ves, vt) : 0.0f);
+        }
+    }
+    if (lane == 0) {
+        sm_max[warp] = M;
+        sm_sum[warp] = S;
+    }
+#pragma unroll
+    for (int t = 0; t < PER; t++) sm_acc[warp][lane + t * HL_WARP] = acc[t];
+    __syncthreads();
+
+    float Mg = -f32_inf();
+    for (int w = 0; w < FA_WARPS; w++) Mg = fmaxf(Mg, sm_max[w]);
+    const float sink = sinks ? ((const float*)sinks)[h] : -f32_inf();
+    Mg = fmaxf(Mg, sink);
+    float denom = sinks ? expf(sink - Mg) : 0.0f;
+    for (int w = 0; w < FA_WARPS; w++)
+        if (sm_max[w] != -f32_inf()) denom += sm_sum[w] * expf(sm_max[w] - Mg);
+    float* out = (float*)(dst + h * nbd1 + i * nbd2 + s * nbd3);
+    for (int d = threadIdx.x; d < Dv; d += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < FA_WARPS; w++)
+            if (sm_max[w] != -f32_inf()) o += sm_acc[w][d] * expf(sm_max[w] - Mg);
+        out[d] = denom > 0.0f ? o / denom : 0.0f;
+    }
+}
+
+#define FA_ARGS                                                                                          \
+    const u8 *q, const u8 *k, const u8 *v, const u8 *mask, const u8 *sinks, u8 *dst, int kt, int vt,     \
+        int mask_type, int D, int Dv, int n_kv, int rk2, int rk3, int rv2, int rv3, i64 nbq1, i64 nbq2,   \
+        i64 nbq3, i64 nbk1, i64 nbk2, i64 nbk3, i64 nbv1, i64 nbv2, i64 nbv3, int nm2, int nm3, i64 nbm1, \
+        i64 nbm2, i64 nbm3, float scale, float max_bias, float m0, float m1, int n_head_log2,            \
+        float softcap, i64 nbd1, i64 nbd2, i64 nbd3
+#define FA_PASS                                                                                            \
+    q, k, v, mask, sinks, dst, kt, vt, mask_type, D, Dv, n_kv, rk2, rk3, rv2, rv3, nbq1, nbq2, nbq3, nbk1, \
+        nbk2, nbk3, nbv1, nbv2, nbv3, nm2, nm3, nbm1, nbm2, nbm3, scale, max_bias, m0, m1, n_head_log2,   \
+        softcap, nbd1, nbd2, nbd3
+
+extern "C" __global__ void __launch_bounds__(FA_WARPS * HL_WARP) k_flash_attn_256(FA_ARGS) {
+    flash_attn<256>(FA_PASS);
+}
+extern "C" __global__ void __launch_bounds__(FA_WARPS * HL_WARP) k_flash_attn_512(FA_ARGS) {
+    flash_attn<512>(FA_PASS);
+}

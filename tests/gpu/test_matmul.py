@@ -1,0 +1,90 @@
+"""MUL_MAT / MUL_MAT_ID on the GPU backend against exact float64 math on the dequantized weights
+(gguf.quants, independent of our code) and against the numpy backend (which, like ggml's CPU, rounds
+activations to Q8 first, hence the looser tolerance there)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from harness import assert_close, run_both
+from hybridllm.ggml.types import GGMLOp, GGMLType, TRAITS
+from hybridllm.quants.blocks import random_blocks
+
+WEIGHT_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0,
+                GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.IQ4_NL, GGMLType.MXFP4, GGMLType.Q2_K, GGMLType.Q3_K,
+                GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_XS]
+
+
+def weights(qtype: int, rows: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(raw bytes [rows, row_bytes], float64 values [rows, k]) with an independent decoder."""
+    if qtype == GGMLType.F32:
+        w = (rng.standard_normal((rows, k)) * 0.05).astype(np.float32)
+        return w.view(np.uint8), w.astype(np.float64)
+    if qtype == GGMLType.F16:
+        w = (rng.standard_normal((rows, k)) * 0.05).astype(np.float16)
+        return w.view(np.uint8), w.astype(np.float64)
+    if qtype == GGMLType.BF16:
+        bits = ((rng.standard_normal((rows, k)).astype(np.float32) * 0.05).view(np.uint32) >> 16).astype(np.uint16)
+        return bits.view(np.uint8), (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    raw = random_blocks(qtype, rows, k, rng, scale=0.05)
+    ref = gguf_dequantize(raw, GGMLQuantizationType(int(qtype)))
+    return raw, ref.astype(np.float64).reshape(rows, k)
+
+
+def mul_mat_case(gpu, qtype: int, K: int, M: int, N: int, batch: tuple[int, int], rng) -> None:
+    a2, b2 = batch
+    raw, wf = weights(qtype, M * a2, K, rng)
+    x = rng.standard_normal((b2, N, K)).astype(np.float32)
+
+    def build(g):
+        a = g.tensor(qtype, (K, M, a2), raw, name="w")
+        b = g.tensor(GGMLType.F32, (K, N, b2), x, name="x")
+        return [g.node(GGMLOp.MUL_MAT, GGMLType.F32, (M, N, b2), [a, b], name="y")]
+
+    [(got, ref)] = run_both(gpu, build)
+    w3 = wf.reshape(a2, M, K)
+    exact = np.stack([x[i].astype(np.float64) @ w3[i // (b2 // a2)].T for i in range(b2)])[None]
+    scale = np.abs(exact).max()
+    assert_close(got, exact, rtol=1e-4, atol=1e-5 * scale, what=f"{TRAITS[qtype].name} vs exact")
+    assert_close(got, ref, rtol=3e-2, atol=3e-2 * scale, what=f"{TRAITS[qtype].name} vs numpy backend")
+
+
+@pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: TRAITS[t].name)
+def test_mul_mat_vec(gpu, qtype, rng):
+    mul_mat_case(gpu, qtype, K=512, M=37, N=1, batch=(1, 2), rng=rng)
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K],
+                         ids=lambda t: TRAITS[t].name)
+@pytest.mark.parametrize("N", [5, 70])
+def test_mul_mat_batched(gpu, qtype, N, rng):
+    K = 100 if TRAITS[qtype].blck_size == 1 else 256  # plain types: a K that ends mid-group and mid-tile
+    mul_mat_case(gpu, qtype, K=K, M=67, N=N, batch=(2, 4), rng=rng)
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.F32, GGMLType.Q4_0, GGMLType.Q4_K], ids=lambda t: TRAITS[t].name)
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_mul_mat_id(gpu, qtype, shared_input, rng):
+    K, M, n_expert, n_used, n_tok = 256, 21, 4, 2, 3
+    raw, wf = weights(qtype, M * n_expert, K, rng)
+    ne11 = 1 if shared_input else n_used
+    x = rng.standard_normal((n_tok, ne11, K)).astype(np.float32)
+    ids = np.stack([rng.permutation(n_expert)[:n_used] for _ in range(n_tok)]).astype(np.int32)
+
+    def build(g):
+        a = g.tensor(qtype, (K, M, n_expert), raw)
+        b = g.tensor(GGMLType.F32, (K, ne11, n_tok), x)
+        i = g.tensor(GGMLType.I32, (n_used, n_tok), ids)
+        return [g.node(GGMLOp.MUL_MAT_ID, GGMLType.F32, (M, n_used, n_tok), [a, b, i])]
+
+    [(got, ref)] = run_both(gpu, build)
+    w3 = wf.reshape(n_expert, M, K)
+    exact = np.zeros((1, n_tok, n_used, M))
+    for t in range(n_tok):
+        for e in range(n_used):
+            exact[0, t, e] = w3[ids[t, e]] @ x[t, e % ne11].astype(np.float64)
+    scale = np.abs(exact).max()
+    assert_close(got, exact, rtol=1e-4, atol=1e-5 * scale, what="mul_mat_id vs exact")
+    assert_close(got, ref, rtol=3e-2, atol=3e-2 * scale, what="mul_mat_id vs numpy backend")
