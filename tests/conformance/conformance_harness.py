@@ -13,7 +13,9 @@ from hybridllm.testing.procs import ServerFailed, ServerProc, start_server
 
 CANDIDATE = os.environ.get("HYBRIDLLM_CONFORMANCE_CANDIDATE", "ours")
 REL_TOL = 1e-3          # max|cand - ref| / max|ref| per step
-MASTER_TIMEOUT = float(os.environ.get("HYBRIDLLM_CONFORMANCE_TIMEOUT", "300"))
+# seconds per master run on a tiny synthetic model; the real model gets GEMMA_TIMEOUT
+MASTER_TIMEOUT = float(os.environ.get("HYBRIDLLM_CONFORMANCE_TIMEOUT", "90"))
+GEMMA_TIMEOUT = float(os.environ.get("HYBRIDLLM_CONFORMANCE_GEMMA_TIMEOUT", "400"))
 REPORT: list[str] = []
 
 
@@ -48,16 +50,23 @@ class Servers:
             if proc is not None:
                 proc.stop()
 
+    def reset(self) -> None:
+        """Stop every server (a hung or confused one must not fail the following tests too)."""
+        self.close()
+        self._procs = []
+
 
 def run_pair(model: Path, out: Path, reference: Servers, candidate: Servers, *, n_servers: int = 1,
-             cand_endpoints: list[str] | None = None, **kwargs: object) -> tuple[MasterResult, MasterResult]:
+             cand_endpoints: list[str] | None = None, timeout: float = MASTER_TIMEOUT,
+             **kwargs: object) -> tuple[MasterResult, MasterResult]:
     """The same master run against the reference servers, then against the candidate servers."""
-    ref = run_master(model, out / "ref", rpc=reference.endpoints(n_servers), timeout=MASTER_TIMEOUT, **kwargs)
+    ref = run_master(model, out / "ref", rpc=reference.endpoints(n_servers), timeout=timeout, **kwargs)
     endpoints = cand_endpoints if cand_endpoints is not None else candidate.endpoints(n_servers)
     try:
-        return ref, run_master(model, out / "cand", rpc=endpoints, timeout=MASTER_TIMEOUT, **kwargs)
+        return ref, run_master(model, out / "cand", rpc=endpoints, timeout=timeout, **kwargs)
     except MasterFailed as exc:
         failure = f"{exc}\nserver logs:\n{candidate.log_tails()}"
+    candidate.reset()
     pytest.fail(failure, pytrace=False)  # outside the except: no chained traceback
 
 
