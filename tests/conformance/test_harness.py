@@ -2,6 +2,9 @@
 shapes llama.cpp expects, and the logit comparison catches a different model."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -11,7 +14,7 @@ from gguf.quants import dequantize
 
 from conformance_harness import REL_TOL, model, prompt_ids
 from hybridllm.testing.peer_master import compare_runs, run_master
-from hybridllm.testing.synth import WEIGHT_TYPES, random_weight, write_model
+from hybridllm.testing.synth import ARCHS, WEIGHT_TYPES, random_weight, write_model
 
 
 @pytest.mark.parametrize("wtype", list(WEIGHT_TYPES))
@@ -58,3 +61,28 @@ def test_comparison_catches_a_different_model(peer, synth_root: Path, tmp_path: 
     assert compare_runs(ra, ra2).worst == 0.0
     assert compare_runs(ra, rb).worst > 100 * REL_TOL
     assert ra.logits.shape == (4, 512) and ra.fed == prompt_ids(3, seed=2)
+
+
+_LOAD_ALL = """
+import sys
+import numpy as np
+from hybridllm.testing.peer import load_peer
+lcp = load_peer()
+for path in sys.argv[1:]:
+    llm = lcp.Llama(path, n_ctx=64, n_threads=1, n_gpu_layers=0, verbose=False)
+    llm._eval_tokens([2, 300, 301, 302], 0)
+    x = np.frombuffer(llm._ffi.buffer(llm._lib.llama_get_logits_ith(llm._ctx, -1), 4 * llm.n_vocab), np.float32)
+    assert llm.n_vocab == 512 and np.isfinite(x).all() and x.std() > 0.05, (path, x.std())
+    llm.close()
+    print("ok", path, flush=True)
+"""
+
+
+def test_llama_cpp_loads_and_runs_every_synthetic_file(peer, synth_root: Path):
+    """Every architecture in every weight type: llama.cpp accepts the file and computes finite logits."""
+    paths = [str(model(synth_root, a, t)) for a in ARCHS for t in WEIGHT_TYPES]
+    proc = subprocess.run([sys.executable, "-c", _LOAD_ALL, *paths], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "GGML_NO_BACKTRACE": "1"})
+    done = [ln for ln in proc.stdout.splitlines() if ln.startswith("ok ")]
+    assert proc.returncode == 0 and len(done) == len(paths), \
+        f"{len(done)}/{len(paths)} ran; next failed:\n{proc.stderr[-2000:]}"
