@@ -11,6 +11,8 @@ import logging
 import secrets
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from ..backends.base import Backend, Buffer, Plan, Unsupported
 from ..ggml.tensor import Tensor
 from ..ggml.types import (GGML_OP_COUNT, GGML_TYPE_COUNT, TRAITS, VIEW_OPS, GGMLOp, GGMLType, GluOp,
@@ -49,6 +51,17 @@ _COMPUTE = int(TensorFlag.COMPUTE)
 _FAST_TENSOR = set(Tensor.__slots__) == {"type", "ne", "nb", "op", "op_params", "flags", "src", "view_src",
                                          "view_offs", "buffer", "offset", "name", "id", "extra"}
 _new_tensor = object.__new__
+
+
+_MAX_ROW_LOOP = 1 << 16   # per-row Python loops (overlapping or non-host rows) beyond this are refused
+
+
+def _strided_rows(buf: Buffer, off: int, size: int, n: int, stride: int) -> np.ndarray | None:
+    """An (n, size) uint8 view of rows `stride` bytes apart in a host buffer, or None for other buffers."""
+    arr = getattr(buf, "array", None)
+    if not isinstance(arr, np.ndarray):
+        return None
+    return np.lib.stride_tricks.as_strided(arr[off:], shape=(n, size), strides=(stride, 1))
 
 
 class SessionError(Exception):
@@ -281,13 +294,26 @@ class Session:
             raise SessionError(f"SET_TENSOR_2D: {len(req.data)} data bytes for {req.n_copies} x {req.size}")
         t, buf = self._stored(req.tensor, "SET_TENSOR_2D")
         off = self._span_2d(t, buf, req.tensor, req.offset, req.size, req.n_copies, req.stride, "SET_TENSOR_2D")
+        rows = _strided_rows(buf, off, req.size, req.n_copies, req.stride)
+        if rows is not None and req.stride >= req.size:   # rows do not overlap: one strided numpy copy
+            rows[...] = np.frombuffer(req.data, np.uint8).reshape(req.n_copies, req.size)
+            return
+        if req.n_copies > _MAX_ROW_LOOP:
+            raise SessionError(f"SET_TENSOR_2D: {req.n_copies} overlapping rows (stride {req.stride} < size {req.size})")
         data = memoryview(req.data)
-        for i in range(req.n_copies):
+        for i in range(req.n_copies):  # overlapping rows: sequential writes, later rows win
             buf.backend.set(buf, off + i * req.stride, data[i * req.size:(i + 1) * req.size])
 
     def _get_tensor_2d(self, req: P.GetTensor2dReq) -> P.GetTensorRsp:
         t, buf = self._stored(req.tensor, "GET_TENSOR_2D")
         off = self._span_2d(t, buf, req.tensor, req.offset, req.size, req.n_copies, req.stride, "GET_TENSOR_2D")
+        if req.size * req.n_copies > buf.size:  # only overlapping rows can ask for more than the buffer holds
+            raise SessionError(f"GET_TENSOR_2D: {req.n_copies} x {req.size} bytes exceed the buffer size")
+        rows = _strided_rows(buf, off, req.size, req.n_copies, req.stride)
+        if rows is not None:
+            return P.GetTensorRsp(rows.tobytes())
+        if req.n_copies > _MAX_ROW_LOOP:
+            raise SessionError(f"GET_TENSOR_2D: too many rows ({req.n_copies}) for this device")
         get = buf.backend.get
         return P.GetTensorRsp(b"".join(get(buf, off + i * req.stride, req.size) for i in range(req.n_copies)))
 
