@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 Message = Mapping[str, Any]
 _ASCII_SPACE = " \t\n\v\f\r"
@@ -261,7 +262,7 @@ class ChatTemplate:
         self._compiled = compile_jinja(source) if source is not None else None
 
     @classmethod
-    def for_model(cls, meta: Any, tokenizer: Any = None) -> "ChatTemplate":
+    def for_model(cls, meta: Any, tokenizer: Any = None) -> ChatTemplate:
         """The model's template: `tokenizer.chat_template` if present, else its architecture's built-in.
         meta is a GGUF metadata mapping, an object with a `metadata` mapping, or a `gguf.GGUFReader`;
         tokenizer (optional) supplies BOS/EOS."""
@@ -295,6 +296,7 @@ class ChatTemplate:
         context: dict[str, Any] = {"bos_token": self.bos_token, "eos_token": self.eos_token,
                                    "enable_thinking": True}
         context.update(kwargs)
+        assert self._compiled is not None
         try:
             text = self._compiled.render(messages=list(messages), tools=list(tools) if tools else None,
                                          documents=None, add_generation_prompt=add_generation_prompt, **context)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -51,9 +51,10 @@ class MT19937:
     """std::mt19937 seeded with a 32-bit seed, drawing doubles like std::uniform_real_distribution<double>."""
 
     def __init__(self, seed: int) -> None:
-        state = np.random.RandomState(seed & 0xFFFFFFFF).get_state()  # init_genrand(seed), as std::mt19937
+        # RandomState seeds with init_genrand(seed), exactly as std::mt19937(seed) does
+        state = np.random.RandomState(seed & 0xFFFFFFFF).get_state(legacy=False)
         self._gen = np.random.MT19937()
-        self._gen.state = {"bit_generator": "MT19937", "state": {"key": state[1], "pos": state[2]}}
+        self._gen.state = {"bit_generator": "MT19937", "state": state["state"]}
 
     def uniform(self) -> float:
         lo, hi = (int(x) for x in self._gen.random_raw(2))

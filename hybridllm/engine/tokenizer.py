@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import codecs
 import heapq
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from hybridllm.engine import tokenizer_unicode as tu
 from hybridllm.engine.tokenizer_vocab import TOKEN_NULL, TokenAttr, Vocab, VocabError, load_vocab
 
-__all__ = ["Tokenizer", "Vocab", "VocabError", "TokenAttr", "TOKEN_NULL", "StreamDecoder"]
+__all__ = ["TOKEN_NULL", "StreamDecoder", "TokenAttr", "Tokenizer", "Vocab", "VocabError"]
 
 _ASCII_SPACE = " \t\n\v\f\r"
 _SPECIAL_ATTRS = int(TokenAttr.CONTROL | TokenAttr.UNKNOWN)
@@ -37,7 +38,7 @@ class Tokenizer:
         self._special_first = {vocab.tokens[i][:1] for i in vocab.special_ids}
 
     @classmethod
-    def from_gguf(cls, source: Any) -> "Tokenizer":
+    def from_gguf(cls, source: Any) -> Tokenizer:
         """From a GGUF path, an open `gguf.GGUFReader` or a metadata mapping."""
         return cls(load_vocab(source))
 
@@ -338,12 +339,12 @@ def _clean_spaces(text: bytes) -> bytes:
             src[i] = 0  # llama.cpp zeroes the following space, which the next comparison then sees
         out.append(x)
         i += 1
-    src, out = bytes(out), bytearray(out[:1])  # pass 3: contractions 's 'm 're 've
-    for i in range(1, len(src)):
-        x = src[i]
-        if src[i - 1] == 0x20 and x == 0x27 and i + 1 < len(src):
-            x1 = src[i + 1]
-            if x1 in b"sm" or (x1 not in b"td" and i + 2 < len(src) and src[i + 1:i + 3] in (b"re", b"ve")):
+    done, out = bytes(out), bytearray(out[:1])  # pass 3: contractions 's 'm 're 've
+    for i in range(1, len(done)):
+        x = done[i]
+        if done[i - 1] == 0x20 and x == 0x27 and i + 1 < len(done):
+            x1 = done[i + 1]
+            if x1 in b"sm" or (x1 not in b"td" and i + 2 < len(done) and done[i + 1:i + 3] in (b"re", b"ve")):
                 out.pop()
         out.append(x)
     return bytes(out)

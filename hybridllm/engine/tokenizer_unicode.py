@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 NUMBER, LETTER, SEPARATOR, MARK, PUNCT, SYMBOL, CONTROL = 0x2, 0x4, 0x8, 0x10, 0x20, 0x40, 0x80
 UNDEFINED, WHITESPACE = 0x1, 0x100

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -147,16 +148,16 @@ class Vocab:
 
 def _default_settings(model: str, pre: str) -> dict[str, Any]:
     if model == "llama":
-        return dict(bos=1, eos=2, unk=0, add_space_prefix=True, clean_spaces=False, add_bos=True,
-                    escape_whitespaces=True, pre_regexes=[])
+        return {"bos": 1, "eos": 2, "unk": 0, "add_space_prefix": True, "clean_spaces": False, "add_bos": True,
+                "escape_whitespaces": True, "pre_regexes": []}
     if model != "gpt2":
         raise VocabError(f"unsupported tokenizer model {model!r} (supported: 'llama' (SPM), 'gpt2' (BPE))")
     name = pre or "default"
     if name not in _PRE_NAMES:
         raise VocabError(f"unsupported pre-tokenizer {pre!r} (supported: {', '.join(sorted(_PRE_NAMES))})")
     family, overrides = _PRE_NAMES[name]
-    settings: dict[str, Any] = dict(bos=11, eos=11, add_space_prefix=False, escape_whitespaces=False,
-                                    clean_spaces=True, pre_regexes=list(_PRE_REGEXES[family]))
+    settings: dict[str, Any] = {"bos": 11, "eos": 11, "add_space_prefix": False, "escape_whitespaces": False,
+                                "clean_spaces": True, "pre_regexes": list(_PRE_REGEXES[family])}
     settings.update(overrides)
     return settings
 

@@ -9,8 +9,13 @@ from typing import Any
 import gguf
 import pytest
 
-from hybridllm.engine.chat_template import (BUILTIN_TEMPLATES, ChatTemplate, ChatTemplateError,
-                                            builtin_for_architecture, detect_builtin)
+from hybridllm.engine.chat_template import (
+    BUILTIN_TEMPLATES,
+    ChatTemplate,
+    ChatTemplateError,
+    builtin_for_architecture,
+    detect_builtin,
+)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],

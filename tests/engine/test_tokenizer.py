@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from hybridllm.engine import tokenizer_unicode as tu
-from hybridllm.engine.tokenizer import Tokenizer
+from hybridllm.engine.tokenizer import StreamDecoder, Tokenizer
 
 HARD_STRINGS = [
     "", " ", "  ", "\n", "\t", "a", "Hello world", "Hello, World!", "  leading spaces", "trailing spaces   ",
@@ -38,6 +38,7 @@ HARD_STRINGS = [
     "def f(x: int) -> int:\n    return x ** 2  # square\n", "int main(void) { return 0; }",
     '{"key": [1, 2.5, null, true], "nested": {"a": "b"}}', '<div class="x">text</div>', "</s><s>",
     "https://example.com/path?q=1&r=two#frag", "!@#$%^&*()_+-=[]{}|;':\",./<>?`~", "...", "?!", " ' ", " ,",
+    "x ' ' y ' 's ' 're z 've 'll 't 'd 'm ,a .b ?c !d", "' '  ' '",
     "\u2581 literal lower one eighth", "<0x41> literal byte text", "\x00\x01\x02 controls \x7f", "\u200b\u200c\ufeff",
     "x" * 500, "ab" * 300, "9" * 100, " " * 100, "\n" * 40, "\t" * 40, "a" + " " * 7 + "b", "word" * 50 + "!",
 ]
@@ -259,6 +260,26 @@ def test_bpe_ignore_merges_only_for_llama3_family(tmp_path: Path) -> None:
         tok = Tokenizer.from_gguf(gguf.GGUFReader(tmp_path / f"{pre}.gguf"))
         ids = tok.tokenize(" supercalifragilistic", add_special=False)
         assert (len(ids) == 1) == whole, (pre, ids)
+
+
+def test_stream_decoder_matches_whole_decode(tmp_path: Path) -> None:
+    build_bpe_gguf(tmp_path / "q.gguf", "qwen2")
+    tok = Tokenizer.from_gguf(gguf.GGUFReader(tmp_path / "q.gguf"))
+    text = "日本語 ꙮ𝔘 e\u0301 <|im_end|> done"
+    ids = tok.tokenize(text, add_special=False, parse_special=True)
+
+    def whole_utf8(piece: bytes) -> bool:
+        try:
+            piece.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    assert not all(whole_utf8(tok.token_to_piece(t)) for t in ids)  # rare chars fall back to byte tokens
+    stream = StreamDecoder(tok)
+    parts = [stream.feed([t]) for t in ids] + [stream.flush()]
+    assert "".join(parts) == tok.decode(ids) == text.replace("<|im_end|>", "")
+    assert all("\ufffd" not in p for p in parts)  # incomplete UTF-8 is held back, never replaced
 
 
 def test_bpe_long_prompt_speed(tmp_path: Path) -> None:
