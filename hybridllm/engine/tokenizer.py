@@ -70,6 +70,10 @@ class Tokenizer:
         """llama_tokenize: ids for text; add_special adds BOS/EOS as the vocab asks; parse_special turns
         control-token texts into their ids (user-defined tokens are always parsed)."""
         v = self.vocab
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates (e.g. from JSON "\\ud800") are not text
+            raise ValueError(f"text is not valid Unicode: unpaired surrogate at index {exc.start}") from None
         frags = self._partition(text, parse_special)
         out: list[int] = []
         if add_special and v.add_bos:

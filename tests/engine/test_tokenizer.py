@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from hybridllm.engine import tokenizer_unicode as tu
-from hybridllm.engine.tokenizer import StreamDecoder, Tokenizer
+from hybridllm.engine.tokenizer import StreamDecoder, Tokenizer, VocabError
 
 HARD_STRINGS = [
     "", " ", "  ", "\n", "\t", "a", "Hello world", "Hello, World!", "  leading spaces", "trailing spaces   ",
@@ -254,6 +254,55 @@ def test_bpe_corpus_matches_peer(peer: Any, tmp_path: Path, pre: str, add_bos: b
         pv.close()
 
 
+def build_spm_gguf(path: Path, add_space_prefix: bool) -> None:
+    """A small SentencePiece-style vocab (pieces scored by frequency, byte fallback) in a `llama` GGUF."""
+    text = _training_text().replace(" ", "\u2581")
+    counts: collections.Counter[str] = collections.Counter()
+    for n in range(2, 7):
+        counts.update(text[i:i + n] for i in range(len(text) - n + 1))
+    pieces = [p for p, c in counts.most_common() if c >= 4 and "\n" not in p][:3000]
+    pieces += sorted(set(text) - set(pieces) - {"\n"})[:200]  # some single chars; the rest falls back to bytes
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces, "<start_of_turn>", "<tag>"]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [3, 4]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0, 0.0]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_space_prefix(add_space_prefix)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("space_prefix", [True, False])
+def test_small_spm_vocab_matches_peer(peer: Any, tmp_path: Path, space_prefix: bool) -> None:
+    path = tmp_path / "spm.gguf"
+    build_spm_gguf(path, space_prefix)
+    pv = PeerVocab(peer, path)
+    try:
+        tok = Tokenizer.from_gguf(gguf.GGUFReader(path))
+        corpus = HARD_STRINGS + ["<start_of_turn>x<tag> y", " <tag><start_of_turn> z"] + random_strings(100, seed=3)
+        bad = compare_corpus(tok, pv, corpus)
+        assert not bad, f"{len(bad)} mismatches over {len(corpus)} strings:\n" + "\n".join(bad[:20])
+        for special in (True, False):
+            assert [tok.token_to_piece(t, special) for t in range(tok.n_vocab)] == \
+                [pv.piece(t, special) for t in range(tok.n_vocab)]
+    finally:
+        pv.close()
+
+
 def test_bpe_ignore_merges_only_for_llama3_family(tmp_path: Path) -> None:
     for pre, whole in (("llama-bpe", True), ("qwen2", False)):
         build_bpe_gguf(tmp_path / f"{pre}.gguf", pre)
@@ -297,3 +346,21 @@ def test_unicode_flags_cover_unicode_15_1() -> None:
     assert tu.cpt_flags(0x0CF3) == tu.MARK and tu.cpt_flags(0x1D2C0) == tu.NUMBER
     assert tu.cpt_flags(0x20) == tu.SEPARATOR | tu.WHITESPACE and tu.cpt_flags(0x1C) == tu.CONTROL
     assert np.all([tu.cpt_flags(c) & tu.WHITESPACE for c in (0x85, 0xA0, 0x3000, 0x2028)])
+
+
+def test_bad_vocab_metadata_and_text_get_clear_errors(tmp_path: Path) -> None:
+    base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": list("abc"),
+            "tokenizer.ggml.merges": ["a b"]}
+    assert Tokenizer.from_gguf(base).tokenize("ab", add_special=False) == [0, 1]  # no 'ab' token: bytes
+    for bad, match in (({"tokenizer.ggml.model": "bert"}, "unsupported tokenizer model"),
+                       ({"tokenizer.ggml.pre": "no-such-pre"}, "unsupported pre-tokenizer"),
+                       ({"tokenizer.ggml.tokens": []}, "no tokenizer.ggml.tokens"),
+                       ({"tokenizer.ggml.merges": None}, "no tokenizer.ggml.merges"),
+                       ({"tokenizer.ggml.scores": [0.0]}, "expected 3 entries")):
+        meta = {k: v for k, v in {**base, **bad}.items() if v is not None}
+        with pytest.raises(VocabError, match=match):
+            Tokenizer.from_gguf(meta)
+    with pytest.raises(VocabError, match="cannot read GGUF"):
+        Tokenizer.from_gguf(tmp_path / "missing.gguf")
+    with pytest.raises(ValueError, match="unpaired surrogate"):
+        Tokenizer.from_gguf(base).tokenize("a\ud800")
