@@ -143,6 +143,11 @@ class GT:
         return self
 
 
+def _nbytes(t: int, ne: Sequence[int], nb: Sequence[int]) -> int:
+    from ..ggml.types import nbytes
+    return nbytes(t, tuple(ne), tuple(nb))
+
+
 class GGMLGraph:
     """A ggml context over a numpy array we own; op constructors are reached as attributes."""
 
@@ -178,7 +183,8 @@ class GGMLGraph:
     # --- building ------------------------------------------------------------------------------
     def new(self, type: int, ne: Sequence[int], data: np.ndarray | None = None, name: str = "") -> GT:
         """A new tensor; `data` (any shape with the right element count) is converted to its type:
-        quantized types are quantized with ggml's own reference quantizer."""
+        quantized types are quantized with ggml's own reference quantizer. uint8 `data` is stored as raw
+        bytes instead (random blocks test a decoder on every bit pattern)."""
         ne4 = tuple(ne) + (1,) * (4 - len(ne))
         ptr = self.base_lib.ggml_new_tensor_4d(self.ctx, int(type), *ne4)
         if not ptr:
@@ -194,6 +200,10 @@ class GGMLGraph:
         tt = t.type
         ne, nb = t.ne, t.nb
         values = np.asarray(data)
+        if values.dtype == np.uint8 and tt != GGMLType.I8:   # raw bytes (e.g. random blocks)
+            n = _nbytes(tt, ne, nb)
+            self.mem[t.offset:t.offset + n] = values.reshape(-1)[:n]
+            return
         if TRAITS[tt].quantized:
             src = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
             nrows = ne[1] * ne[2] * ne[3]

@@ -101,3 +101,17 @@ def test_flash_attn_ext_fully_masked_row(g, rng):
     m = g.new(T.F16, (n_kv, n_q), mv)
     res = g.run(g.flash_attn_ext(q, k, v, m, 0.25, 0.0, 0.0))
     res.assert_close(rtol=3e-3, atol=3e-3)
+
+
+@pytest.mark.parametrize("n_q,n_kv,Dv,softcap", [(1, 256, 64, 0.0), (1, 512, 64, 0.0), (3, 96, 48, 0.0),
+                                                 (2, 80, 64, 20.0)])
+def test_flash_attn_ext_f16_accumulator_bitexact(g, rng, monkeypatch, n_q, n_kv, Dv, softcap):
+    """The opt-in replay of ggml's F16 accumulator path reproduces ggml to the last bit."""
+    from hybridllm.backends.numpy_ops import attention
+    monkeypatch.setattr(attention, "GGML_F16_ACCUMULATOR", True)
+    D, H, H_kv = 64, 4, 2
+    q, k, v, m = _fa_inputs(g, rng, D, Dv, n_q, n_kv, H, H_kv, 1, T.F16)
+    o1 = g.flash_attn_ext(q, k, v, m, 0.125, 0.0, softcap)
+    o2 = g.flash_attn_ext(q, k, v, m, 0.125, 3.0, softcap)
+    g.flash_attn_ext_add_sinks(o2, g.new(T.F32, (H,), rng.standard_normal(H)))
+    g.run(o1, o2).assert_close(rtol=0, atol=0)

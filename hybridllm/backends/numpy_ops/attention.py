@@ -3,13 +3,19 @@
 FLASH_ATTN_EXT computes the exact softmax attention in float32 with all heads in two batched matmuls (GQA
 and sequence broadcast are stride-0 views, never copies of K/V). Where ggml's kernel rounds Q to K's
 vec_dot type (F16 for an F16 cache: its row-by-row path, used below 64 queries) we round Q the same way.
-ggml additionally keeps the running V accumulator in F16 for an F16 V on that path, so results differ from
-it by F16 rounding noise (~1e-3 relative); with F32 V, or 64+ queries (its tiled F32 path), they agree to
-float32 rounding.
+
+ggml's row path also keeps the running V accumulator in F16 for an F16 V, which costs it ~1e-3 relative
+accuracy (more for long caches). Setting `GGML_F16_ACCUMULATOR` (module attribute, or the environment
+variable HYBRIDLLM_FA_F16_ACC=1 at import) makes F16 K/V rows follow that path step by step instead
+(a numba kernel below), reproducing ggml's results bit for bit: useful to compare logits with a reference
+server, slower and less accurate otherwise. `GGML_THREADS` is the thread count whose KV chunking the
+single-query decode path reproduces.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Callable
 
 import numpy as np
@@ -19,10 +25,14 @@ from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, type_name
 from . import Kernel, register
 from .common import bf16_to_f32, f32_to_bf16, require, rows_view, view
+from .elementwise import f16_to_f32
 
 F32 = np.float32
 F64 = np.float64
 FA_TILE_Q = 64   # ggml's GGML_FA_TILE_Q: from this many queries on, its kernel keeps Q in F32
+FA_SPLIT_KV = 512  # ggml splits a single query's KV range across threads from this many entries on
+GGML_F16_ACCUMULATOR = os.environ.get("HYBRIDLLM_FA_F16_ACC", "") == "1"
+GGML_THREADS = 1
 
 
 def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
@@ -40,7 +50,7 @@ def mask_reader(mask: Tensor, rows: int) -> Callable[[], np.ndarray]:
     """The first `rows` mask rows as float32, shape (m3, m2, rows, n_kv)."""
     mv = view(mask)[:, :, :rows, :]
     if mask.type == GGMLType.F16:
-        return lambda: mv.astype(F32)
+        return lambda: f16_to_f32(mv)
     return lambda: mv
 
 
@@ -105,7 +115,7 @@ def _kv_reader(t: Tensor) -> Callable[[], np.ndarray]:
     if t.type == GGMLType.F32:
         return lambda: v
     if t.type == GGMLType.F16:
-        return lambda: v.astype(F32)
+        return lambda: f16_to_f32(v)
     if t.type == GGMLType.BF16:
         return lambda: bf16_to_f32(v)
     raise ValueError(type_name(t.type))
@@ -125,19 +135,18 @@ def _q_rounder(k: Tensor, tiled: bool) -> Callable[[np.ndarray], np.ndarray]:
     return lambda q: dequantize(quantize(np.ascontiguousarray(q), vt), vt, n)
 
 
-def _grouped(a: np.ndarray, s: int, h: int) -> np.ndarray:
-    """(Sx, Hx, n, d) -> (Sx, s/Sx, Hx, h/Hx, n, d): ggml's GQA/sequence broadcast as stride-0 axes."""
-    sx, hx, n, d = a.shape
-    st = a.strides
-    return as_strided(a, (sx, s // sx, hx, h // hx, n, d), (st[0], 0, st[1], 0, st[2], st[3]))
-
-
-def _split(a: np.ndarray, sx: int, hx: int) -> np.ndarray:
-    """(S, H, n, d) -> (Sx, S/Sx, Hx, H/Hx, n, d) as a view (head h = hx_index * (H/Hx) + j)."""
+def _split_heads(a: np.ndarray, sx: int, hx: int) -> np.ndarray:
+    """(S, H, n, d) -> (Sx, S/Sx, Hx, H/Hx, n, d) as a view: head h = kv_head*(H/Hx) + j (ggml's GQA rule),
+    sequence s = kv_seq*(S/Sx) + j."""
     s, h, n, d = a.shape
     st = a.strides
-    return as_strided(a, (sx, s // sx, hx, h // hx, n, d), (st[0] * (s // sx), st[0], st[1] * (h // hx), st[1],
-                                                             st[2], st[3]))
+    return as_strided(a, (sx, s // sx, hx, h // hx, n, d),
+                      (st[0] * (s // sx), st[0], st[1] * (h // hx), st[1], st[2], st[3]))
+
+
+def _per_head(x: np.ndarray, hx: int) -> np.ndarray:
+    """A per-head vector (H,) laid out as (1, 1, Hx, 1, H/Hx, 1) for the (.., n_kv, r2, n_q) score layout."""
+    return x.reshape(1, 1, hx, 1, x.size // hx, 1)
 
 
 @register(GGMLOp.FLASH_ATTN_EXT)
@@ -149,7 +158,9 @@ def build_flash_attn_ext(node: Tensor) -> Kernel:
     Dv, n_kv = v.ne[0], k.ne[1]
     require(q.type == GGMLType.F32 and node.type == GGMLType.F32, node, "q and the result must be f32")
     require(k.ne[0] == D and v.ne[1] == n_kv, node, f"shapes q {q.ne}, k {k.ne}, v {v.ne} do not match")
-    require(H % k.ne[2] == 0 and H % v.ne[2] == 0 and S % k.ne[3] == 0 and S % v.ne[3] == 0, node,
+    require(k.ne[2:] == v.ne[2:], node, f"k {k.ne} and v {v.ne} need the same heads and sequences")
+    hk, sk = k.ne[2], k.ne[3]
+    require(hk > 0 and sk > 0 and H % hk == 0 and S % sk == 0, node,
             "q heads/sequences are not a multiple of k/v's")
     require(node.ne == (Dv, H, n_q, S), node, f"result shape {node.ne} should be {(Dv, H, n_q, S)}")
     for t in (k, v):
@@ -159,42 +170,222 @@ def build_flash_attn_ext(node: Tensor) -> Kernel:
     if softcap != 0:
         scale = F32(scale / softcap)
     tiled = (k.type == v.type and k.type in (GGMLType.F32, GGMLType.F16) and n_q >= FA_TILE_Q)
+    if GGML_F16_ACCUMULATOR and not tiled and k.type == v.type == GGMLType.F16:
+        return f16_accumulator_kernel(node, q, k, v, mask, sinks)
+    r3, r2 = S // sk, H // hk
+    M = r2 * n_q
     read_q, round_q = view(q), _q_rounder(k, tiled)
     read_k, read_v = _kv_reader(k), _kv_reader(v)
-    hk, sk, hv, sv = k.ne[2], k.ne[3], v.ne[2], v.ne[3]
-    slopes = alibi_slopes(H, max_bias)[None, :, None, None]
+    slopes = _per_head(alibi_slopes(H, max_bias), hk)
     read_mask = None
     if mask is not None:
         require(mask.type == GGMLType.F16 and mask.ne[0] == n_kv and mask.ne[1] >= n_q and H % mask.ne[2] == 0
                 and S % mask.ne[3] == 0, node, f"mask {mask.ne} ({type_name(mask.type)}) does not fit")
-        read_mask = mask_reader(mask, n_q)
+        read_mask = _mask_layout(mask, (S, H, n_q, n_kv), sk, hk)
     sink_v = None
     if sinks is not None:
         require(sinks.type == GGMLType.F32 and sinks.nelements >= H, node, "sinks must be f32, one per head")
-        sink_v = view(sinks).reshape(-1)[:H][None, :, None, None]
-    out = view(node).transpose(0, 2, 1, 3)            # (S, H, n_q, Dv) over dst (S, n_q, H, Dv)
+        sink_v = _per_head(view(sinks).reshape(-1)[:H], hk)
+    # (S, H, n_q, Dv) over dst (S, n_q, H, Dv), split by kv head: (sk, r3, hk, r2, n_q, Dv)
+    out = _split_heads(view(node).transpose(0, 2, 1, 3), sk, hk)
 
     def kernel() -> None:
-        qv = round_q(read_q)
-        kf = _grouped(read_k(), S, H).swapaxes(-1, -2)
-        sc = np.matmul(_split(qv, sk, hk), kf).reshape(S, H, n_q, n_kv)
-        sc *= scale
+        # Q^T per kv head: (sk, r3, hk, D, r2*n_q); K (sk, 1, hk, n_kv, D). K @ Q^T is the fast BLAS shape.
+        qt = np.ascontiguousarray(_split_heads(round_q(read_q), sk, hk).transpose(0, 1, 2, 5, 3, 4))
+        sc = np.matmul(read_k()[:, None], qt.reshape(sk, r3, hk, D, M))      # (sk, r3, hk, n_kv, M)
+        s6 = sc.reshape(sk, r3, hk, n_kv, r2, n_q)
+        s6 *= scale
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             if softcap != 0:
-                sc = np.tanh(sc.astype(F64)).astype(F32) * softcap
+                s6[...] = np.tanh(s6.astype(F64)).astype(F32) * softcap
             if read_mask is not None:
-                m = _bcast(read_mask(), (S, H, n_q, n_kv))
-                sc += m * slopes if max_bias > 0 else m
-            mx = sc.max(axis=-1, keepdims=True)
+                m = read_mask()
+                s6 += m * slopes if max_bias > 0 else m
+            mx = s6.max(axis=3, keepdims=True)
             if sink_v is not None:
                 mx = np.maximum(mx, sink_v)
             mx = np.where(mx == -np.inf, F32(0), mx)       # a fully masked row: no weights, output 0
-            np.subtract(sc, mx, out=sc)
-            np.exp(sc, out=sc)
-            den = sc.sum(axis=-1, keepdims=True, dtype=F64)
+            np.subtract(s6, mx, out=s6)
+            np.exp(s6, out=s6)
+            den = s6.sum(axis=3, keepdims=True, dtype=F64)
             if sink_v is not None:
                 den += np.exp((sink_v - mx).astype(F64))
-            res = np.matmul(_split(sc, sv, hv), _grouped(read_v(), S, H)).reshape(S, H, n_q, Dv)
             inv = np.where(den == 0, 0.0, 1.0 / np.where(den == 0, 1.0, den)).astype(F32)
-            np.multiply(res, inv, out=out)
+            res = np.matmul(read_v()[:, None].swapaxes(-1, -2), sc)           # (sk, r3, hk, Dv, M)
+            res6 = res.reshape(sk, r3, hk, Dv, r2, n_q).transpose(0, 1, 2, 4, 5, 3)
+            np.multiply(res6, inv.reshape(sk, r3, hk, r2, n_q, 1), out=out)
+    return kernel
+
+
+def _mask_layout(mask: Tensor, shape: tuple[int, int, int, int], sk: int, hk: int) -> Callable[[], np.ndarray]:
+    """The mask (m3, m2, n_q, n_kv) in the score layout (sk, r3, hk, n_kv, r2, n_q) (broadcastable)."""
+    S, H, n_q, n_kv = shape
+    read = mask_reader(mask, n_q)
+    if mask.ne[2] == 1 and mask.ne[3] == 1:   # one mask for all heads and sequences: no copy
+        return lambda: read()[0, 0].T.reshape(1, 1, 1, n_kv, 1, n_q)
+
+    def tiled() -> np.ndarray:
+        full = np.broadcast_to(_bcast(read(), shape), shape)
+        return _split_heads(full, sk, hk).transpose(0, 1, 2, 5, 3, 4)
+    return tiled
+
+
+# --- ggml's F16-accumulator row path, step by step (opt-in) ---------------------------------------------
+
+@functools.cache
+def _f16_kernels() -> tuple[Callable[..., None], np.ndarray]:
+    """Compile (once) the numba kernel that replays ggml's flash-attention row path for F16 K/V."""
+    import numba
+
+    u32 = np.uint32
+
+    @numba.njit(cache=True)
+    def round_f16(buf: np.ndarray) -> None:      # pragma: no cover - compiled
+        """Round float32 values in place to the nearest F16 (ties to even), as _mm256_cvtps_ph does."""
+        u = buf.view(np.uint32)
+        for d in range(u.size):
+            x = u[d]
+            sign = x & u32(0x80000000)
+            a = x & u32(0x7FFFFFFF)
+            if a > u32(0x7F800000):
+                continue
+            if a >= u32(0x477FF000):
+                u[d] = sign | u32(0x7F800000)
+            elif a >= u32(0x38800000):
+                u[d] = sign | ((a + u32(0xFFF) + ((a >> u32(13)) & u32(1))) & u32(0xFFFFE000))
+            else:                                  # F16 subnormal range: multiples of 2^-24
+                q = abs(np.float64(buf[d])) * 16777216.0
+                f = math.floor(q)
+                r = q - f
+                if r > 0.5 or (r == 0.5 and f % 2.0 == 1.0):
+                    f += 1.0
+                v = np.float32(f / 16777216.0)
+                buf[d] = -v if sign else v
+
+    @numba.njit(cache=True)
+    def dot_f16(k: np.ndarray, q: np.ndarray, lut: np.ndarray, acc: np.ndarray) -> np.float32:  # pragma: no cover
+        """ggml_vec_dot_f16 on AVX2: 4x8 float lanes, its reduction order, double leftovers."""
+        n = q.size
+        n32 = n & ~31
+        acc[:, :] = 0
+        for i in range(0, n32, 32):
+            for j in range(4):
+                for lane in range(8):
+                    t = i + 8 * j + lane
+                    acc[j, lane] = acc[j, lane] + lut[k[t]] * q[t]   # exact product: FMA == mul + add
+        for lane in range(8):
+            acc[0, lane] = (acc[0, lane] + acc[2, lane]) + (acc[1, lane] + acc[3, lane])
+        t0 = acc[0, 0] + acc[0, 4]
+        t1 = acc[0, 1] + acc[0, 5]
+        t2 = acc[0, 2] + acc[0, 6]
+        t3 = acc[0, 3] + acc[0, 7]
+        total = np.float64((t0 + t1) + (t2 + t3))
+        for t in range(n32, n):
+            total += np.float64(lut[k[t]] * q[t])
+        return np.float32(total)
+
+    @numba.njit(cache=True)
+    def rows(q, kb, vb, lut, mask, slopes, sinks, scale, softcap, chunk, out):  # pragma: no cover
+        """Every (seq, head, query) row: online softmax with the V accumulator rounded to F16 each step,
+        the KV range cut into chunks of `chunk` entries and merged as ggml's split-KV reduction does."""
+        S, H, NQ, D = q.shape
+        n_kv, DV = kb.shape[2], vb.shape[3]
+        rk3, rk2 = S // kb.shape[0], H // kb.shape[1]
+        rv3, rv2 = S // vb.shape[0], H // vb.shape[1]
+        m3, m2 = mask.shape[0], mask.shape[1]
+        n_chunks = (n_kv + chunk - 1) // chunk
+        acc = np.zeros((4, 8), np.float32)
+        vkq = np.zeros(DV, np.float32)
+        tmp = np.zeros(DV, np.float32)
+        fin = np.zeros(DV, np.float32)
+        for s in range(S):
+            for h in range(H):
+                slope = slopes[h]
+                for iq in range(NQ):
+                    qrow = q[s, h, iq]
+                    m_fin, s_fin = np.float32(-np.inf), np.float32(0)
+                    fin[:] = 0
+                    for c in range(n_chunks):
+                        m_run, s_run = np.float32(-np.inf), np.float32(0)
+                        vkq[:] = 0
+                        for ic in range(c * chunk, min(n_kv, (c + 1) * chunk)):
+                            mv = np.float32(0)
+                            if m3 > 0:
+                                mv = slope * mask[s % m3, h % m2, iq, ic]
+                                if mv == -np.inf:
+                                    continue
+                            sc = dot_f16(kb[s // rk3, h // rk2, ic], qrow, lut, acc) * scale
+                            if softcap != 0:
+                                sc = softcap * np.float32(math.tanh(sc))
+                            sc = sc + mv
+                            ms, vs = np.float32(1), np.float32(1)
+                            if sc > m_run:
+                                ms = np.float32(math.exp(m_run - sc))
+                                m_run = sc
+                                for d in range(DV):
+                                    vkq[d] = vkq[d] * ms
+                                round_f16(vkq)
+                            else:
+                                vs = np.float32(math.exp(sc - m_run))
+                            vrow = vb[s // rv3, h // rv2, ic]
+                            for d in range(DV):
+                                tmp[d] = np.float32(np.float64(lut[vrow[d]]) * vs + vkq[d])
+                            round_f16(tmp)
+                            vkq[:] = tmp
+                            s_run = np.float32(np.float64(s_run) * ms + vs)
+                        if sinks.size and c == 0:
+                            sk = sinks[h]
+                            ms, vs = np.float32(1), np.float32(1)
+                            if sk > m_run:
+                                ms = np.float32(math.exp(m_run - sk))
+                                m_run = sk
+                                for d in range(DV):
+                                    vkq[d] = vkq[d] * ms
+                            else:
+                                vs = np.float32(math.exp(sk - m_run))
+                            s_run = np.float32(np.float64(s_run) * ms + vs)
+                        if n_chunks == 1:
+                            inv = np.float32(0) if s_run == 0 else np.float32(1) / s_run
+                            for d in range(DV):
+                                out[s, h, iq, d] = vkq[d] * inv
+                            continue
+                        if s_run == 0:
+                            continue
+                        m_new = max(m_fin, m_run)
+                        so = np.float32(math.exp(m_fin - m_new))
+                        sn = np.float32(math.exp(m_run - m_new))
+                        for d in range(DV):
+                            fin[d] = np.float32(np.float64(fin[d]) * so + np.float32(vkq[d] * sn))
+                        s_fin = np.float32(np.float64(s_fin) * so + np.float32(s_run * sn))
+                        m_fin = m_new
+                    if n_chunks > 1:
+                        inv = np.float32(1) / s_fin if s_fin != 0 else np.float32(1)
+                        for d in range(DV):
+                            out[s, h, iq, d] = fin[d] * inv
+
+    lut = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(F32)
+    return rows, lut
+
+
+def f16_accumulator_kernel(node: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                           sinks: Tensor | None) -> Kernel:
+    """FLASH_ATTN_EXT for F16 K/V on ggml's row path, replayed exactly (see the module docstring)."""
+    rows, lut = _f16_kernels()
+    D, n_q, H, S = q.ne
+    n_kv = k.ne[1]
+    scale, max_bias, softcap = F32(node.param_f32(0)), float(node.param_f32(1)), F32(node.param_f32(2))
+    if softcap != 0:
+        scale = F32(scale / softcap)
+    qv, out = view(q), view(node).transpose(0, 2, 1, 3)
+    kb, vb = view(k).view(np.uint16), view(v).view(np.uint16)
+    slopes = alibi_slopes(H, max_bias)
+    read_mask = mask_reader(mask, n_q) if mask is not None else (lambda: np.zeros((0, 0, 0, 0), F32))
+    sink_v = view(sinks).reshape(-1)[:H].astype(F32) if sinks is not None else np.zeros(0, F32)
+    split = n_q == 1 and S == 1 and n_kv >= FA_SPLIT_KV
+    chunk = -(-n_kv // max(1, GGML_THREADS)) if split else max(n_kv, 1)
+
+    def kernel() -> None:
+        q16 = qv.astype(np.float16).astype(F32)
+        sk = view(sinks).reshape(-1)[:H].astype(F32) if sinks is not None else sink_v
+        rows(q16, kb, vb, lut, read_mask(), slopes, sk, scale, softcap, chunk, out)
     return kernel

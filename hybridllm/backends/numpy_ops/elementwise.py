@@ -25,13 +25,44 @@ F32 = np.float32
 
 # --- float I/O -------------------------------------------------------------------------------------
 
+@functools.cache
+def _f16_converter() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    import numba
+
+    @numba.njit(cache=True)
+    def convert(bits: np.ndarray, lut: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+        n3, n2, n1, n0 = bits.shape
+        for i3 in range(n3):
+            for i2 in range(n2):
+                for i1 in range(n1):
+                    for i0 in range(n0):
+                        out[i3, i2, i1, i0] = lut[bits[i3, i2, i1, i0]]
+    return convert
+
+
+@functools.cache
+def f16_table() -> np.ndarray:
+    """The float32 value of every F16 bit pattern."""
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(F32)
+
+
+def f16_to_f32(v: np.ndarray) -> np.ndarray:
+    """A 4-D (possibly strided) float16 view as a new C-contiguous float32 array, ~5x faster than astype
+    (a numba loop over a 256 KiB table); small arrays use astype."""
+    if v.size < 4096 or v.ndim != 4:
+        return v.astype(F32)
+    out = np.empty(v.shape, F32)
+    _f16_converter()(v.view(np.uint16), f16_table(), out)
+    return out
+
+
 def f32_source(t: Tensor) -> Callable[[], np.ndarray]:
     """A zero-arg reader of t's values as float32 (ne3, ne2, ne1, ne0): the view itself for F32."""
     v = view(t)
     if t.type == GGMLType.F32:
         return lambda: v
     if t.type == GGMLType.F16:
-        return lambda: v.astype(F32)
+        return lambda: f16_to_f32(v)
     if t.type == GGMLType.BF16:
         return lambda: bf16_to_f32(v)
     raise Unsupported(f"tensor {t.name!r}: type {type_name(t.type)} is not a float type")
