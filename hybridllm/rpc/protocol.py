@@ -6,6 +6,7 @@ it. The message structs live in messages.py and are re-exported here. Nothing he
 """
 from __future__ import annotations
 
+import collections
 import struct
 from enum import IntEnum
 from typing import NamedTuple, Union
@@ -151,6 +152,47 @@ def check_request_header(cmd: int, size: int, *, in_loop: bool) -> None:
         raise ProtocolError(f"{spec.cmd.name} payload of {size} bytes, expected {spec.req_size}")
     if size < spec.min_req_size:
         raise ProtocolError(f"{spec.cmd.name} payload of {size} bytes is shorter than {spec.min_req_size}")
+
+
+class ClientParser:
+    """Incremental response parser for a client that pipelines requests (replies come strictly in order).
+
+    `expect(request)` after sending a request that has a reply; `feed(bytes)` returns the completed
+    (request, response) pairs. A reply whose size differs from the expected one is a ProtocolError (the
+    reference client aborts its process there).
+    """
+
+    def __init__(self) -> None:
+        self._pending: collections.deque[Message] = collections.deque()
+        self._buf = bytearray()
+
+    def expect(self, req: Message) -> None:
+        if response_size(req) is None:
+            raise ValueError(f"{CMD_OF[type(req)].name} has no response")
+        self._pending.append(req)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    def feed(self, data: ByteLike) -> list[tuple[Message, Message]]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= RSP_HEADER_SIZE:
+            if not self._pending:
+                raise ProtocolError(f"{len(self._buf)} unexpected bytes from the server")
+            size, = _RSP_FRAME.unpack_from(self._buf)
+            expected = response_size(self._pending[0])
+            if size != expected:
+                raise ProtocolError(f"{CMD_OF[type(self._pending[0])].name} response of {size} bytes, "
+                                    f"expected {expected}")
+            if len(self._buf) < RSP_HEADER_SIZE + size:
+                break
+            payload = bytes(self._buf[RSP_HEADER_SIZE:RSP_HEADER_SIZE + size])
+            del self._buf[:RSP_HEADER_SIZE + size]
+            req = self._pending.popleft()
+            out.append((req, decode_response(req, payload)))
+        return out
 
 
 # --- server side ----------------------------------------------------------------------------------------------------

@@ -39,6 +39,24 @@ def _reason(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
+_INLINE_MAX = 64 << 10
+_HEAVY = (P.GraphComputeReq, P.GraphRecomputeReq, P.SetTensorHashReq, P.CopyTensorReq, P.BufferClearReq,
+          P.AllocBufferReq, P.FreeBufferReq)
+
+
+def _light(ev: P.Event) -> bool:
+    """Requests cheap enough to answer on the event loop (no compute, at most 64 KiB moved)."""
+    if not isinstance(ev, P.Message) or isinstance(ev, _HEAVY):
+        return False
+    if isinstance(ev, (P.SetTensorReq, P.SetTensor2dReq)):
+        return len(ev.data) <= _INLINE_MAX
+    if isinstance(ev, (P.GetTensorReq, P.MemsetTensorReq)):
+        return ev.size <= _INLINE_MAX
+    if isinstance(ev, P.GetTensor2dReq):
+        return ev.size * ev.n_copies <= _INLINE_MAX
+    return True
+
+
 def _weight(msg: P.Message) -> int:
     data = getattr(msg, "data", None)
     if data is not None:
@@ -61,6 +79,7 @@ class Connection(asyncio.BufferedProtocol):
         self.busy = False
         self.closed = False
         self.paused = False
+        self.eof = False
         self.peer = "?"
         self.transport: asyncio.Transport | None = None
         self.done: asyncio.Future[None] = server.loop.create_future()
@@ -95,8 +114,25 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
         self._kick()
 
+    def _run_inline(self) -> None:
+        """Answer small, cheap requests right here while the connection's thread is idle: a decode step's
+        ~10 tiny SET_TENSORs and the logits GET would otherwise each pay a thread hand-off."""
+        while not self.busy and not self.closed and self.queue and _light(self.queue[0]):
+            msg = self.queue.popleft()
+            self.queued_bytes -= _weight(msg)  # type: ignore[arg-type]
+            try:
+                rsp = self.session.handle(msg)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - every refusal closes this connection only
+                self.fail(_reason(exc), exc)
+                return
+            if rsp is not None:
+                self._write(P.encode_response(rsp))
+
     def eof_received(self) -> bool:
-        return False  # close our side too; queued work is dropped with the state
+        # like the reference, finish (and answer) what was received before the client's EOF, then close
+        self.eof = True
+        self._kick()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -114,6 +150,10 @@ class Connection(asyncio.BufferedProtocol):
 
     # --- work (connection thread) --------------------------------------------------------------------------
     def _kick(self) -> None:
+        self._run_inline()
+        if self.eof and not self.busy and not self.queue and not self.closed and self.transport is not None:
+            self.transport.close()
+            return
         if self.busy or self.closed or not self.queue:
             return
         batch = list(self.queue)

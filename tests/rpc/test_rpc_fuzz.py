@@ -130,7 +130,7 @@ BASE = 1 << 32                    # a fresh NumpyBackend's first buffer base
 REQUESTS = requests([HANDLE], BASE)   # built once: building strategies per example dominates the runtime
 
 
-@settings(FUZZ, max_examples=1000)
+@settings(FUZZ, max_examples=800)
 @given(st.lists(REQUESTS, min_size=1, max_size=6))
 def test_session_refuses_cleanly(reqs):
     _count("session")

@@ -200,3 +200,23 @@ def test_golden_hello_is_the_documented_handshake():
     rsp = golden_frame(next(f["file"] for f in GOLDEN_FRAMES if f["cmd"] == "HELLO" and f["dir"] == "rsp"))
     assert req == P.request_bytes(P.HelloReq()) == bytes.fromhex("0e1800000000000000") + bytes(24)
     assert rsp == b"".join(P.encode_response(P.HelloRsp())) == bytes.fromhex("1c0000000000000008000000") + bytes(24)
+
+
+def test_client_parser_pipelined_replies():
+    t = rpc_tensor(1, 0, (4,))
+    reqs = [P.HelloReq(), P.DeviceCountReq(), P.GetTensorReq(t, 0, 5), P.AllocBufferReq(0, 64)]
+    rsps = [P.HelloRsp(), P.DeviceCountRsp(3), P.GetTensorRsp(b"12345"), P.AllocBufferRsp(7, 64)]
+    cp = P.ClientParser()
+    for r in reqs:
+        cp.expect(r)
+    stream = b"".join(b"".join(bytes(x) for x in P.encode_response(r)) for r in rsps)
+    got = []
+    for i in range(0, len(stream), 3):
+        got += cp.feed(stream[i:i + 3])
+    assert [q for q, _ in got] == reqs and [type(r) for _, r in got] == [type(r) for r in rsps]
+    assert got[1][1] == P.DeviceCountRsp(3) and bytes(got[2][1].data) == b"12345" and cp.waiting == 0
+    with pytest.raises(ValueError):
+        cp.expect(P.FreeBufferReq(1))
+    cp.expect(P.GetAlignmentReq(0))
+    with pytest.raises(P.ProtocolError, match="GET_ALIGNMENT response of 4 bytes"):
+        cp.feed(struct.pack("<Q", 4) + bytes(4))

@@ -2,6 +2,7 @@
 checks the connection is closed with one log line while a second client on the same server keeps working."""
 from __future__ import annotations
 
+import socket
 import struct
 import time
 
@@ -339,3 +340,29 @@ def test_closing_frees_the_connection_buffers():
         while be.allocated and time.monotonic() < deadline:
             time.sleep(0.01)
         assert be.allocated == 0
+
+
+def test_half_closed_client_still_gets_its_answers(worker):
+    """Requests received before the client's EOF are answered (then the worker closes), as the reference does."""
+    with socket.create_connection((HOST, worker.port), timeout=10) as s:
+        s.sendall(P.request_bytes(P.HelloReq()) + P.request_bytes(P.DeviceCountReq())
+                  + P.request_bytes(P.GetAlignmentReq(0)))
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+    expect = b"".join(b"".join(P.encode_response(r)) for r in
+                      (P.HelloRsp(), P.DeviceCountRsp(2), P.GetAlignmentRsp(32)))
+    assert got == expect
+
+
+def test_overlapping_2d_rows(connect, expect_close):
+    """stride < size: rows overlap; writes are sequential (later rows win) and reads are capped."""
+    c = connect()
+    h, base = c.alloc_buffer(64)
+    t = rpc_tensor(1, F32, (16,), buffer=h, data=base)
+    c.call(P.SetTensor2dReq(t, 0, 4, 3, 2, b"AAAABBBBCCCC"))
+    assert c.get_tensor(t, 8) == b"AABBCCCC"
+    assert bytes(c.call(P.GetTensor2dReq(t, 0, 4, 3, 2)).data) == b"AABBBBCCCCCC"
+    c.send(P.GetTensor2dReq(t, 0, 4, 1 << 20, 0))   # 4 MiB of the same row from a 64-byte buffer
+    expect_close(c, "exceed the buffer size")
