@@ -84,3 +84,15 @@ def test_glu_all_ops(g, rng, src_type):
     if src_type == T.F32:
         outs += [g.swiglu_oai(gate, up, 1.702, 7.0), g.swiglu_clamp(gate, up, 3.0)]
     g.run(*outs).assert_close(rtol=2e-7, atol=2e-7)
+
+
+def test_geglu_f16_rounding_ties(g, rng):
+    """F32 GEGLU looks its input up by F16 bits: exact ties between two F16 values must round to even."""
+    h = np.arange(0, 0x4900, 7, dtype=np.uint16)                      # |x| < 10, including subnormals
+    lo = h.view(np.float16).astype(np.float64)
+    hi = (h + 1).view(np.float16).astype(np.float64)
+    x = np.concatenate([(lo + hi) / 2, -(lo + hi) / 2, lo + (hi - lo) * 0.49, rng.uniform(-12, 12, 1000)])
+    x = x[:len(x) // 64 * 64].astype(np.float32)
+    gate = g.new(T.F32, (64, len(x) // 64), x)
+    up = g.new(T.F32, (64, len(x) // 64), rng.standard_normal(len(x)))
+    g.run(g.glu_split(gate, up, int(GluOp.GEGLU))).assert_close(rtol=0, atol=0)

@@ -410,6 +410,48 @@ def _glu_fn(node: Tensor, op: int, kind: GGMLType) -> Callable[[np.ndarray, np.n
     return fn
 
 
+@functools.cache
+def _geglu_f32() -> Callable[..., None]:
+    """GEGLU for F32 rows in one numba pass (the hot FFN activation of gemma models)."""
+    import numba
+
+    u32 = np.uint32
+
+    @numba.njit(cache=True)
+    def geglu(a, b, out, tab):  # pragma: no cover - compiled
+        cell = np.empty(1, np.float32)
+        bits = cell.view(np.uint32)
+        n3, n2, n1, n0 = a.shape
+        for i3 in range(n3):
+            for i2 in range(n2):
+                for i1 in range(n1):
+                    for i0 in range(n0):
+                        x = a[i3, i2, i1, i0]
+                        g = b[i3, i2, i1, i0]
+                        if x <= -10.0:
+                            out[i3, i2, i1, i0] = 0.0
+                        elif x >= 10.0:
+                            out[i3, i2, i1, i0] = x * g
+                        else:            # F16 bits of x, round to nearest even (|x| < 10: no overflow)
+                            cell[0] = x
+                            u = bits[0]
+                            sign = (u >> u32(16)) & u32(0x8000)
+                            m = u & u32(0x7FFFFFFF)
+                            if m > u32(0x7F800000):
+                                h = sign | u32(0x7E00) | ((m >> u32(13)) & u32(0x3FF))
+                            elif m >= u32(0x38800000):
+                                r = m - u32(0x38000000)
+                                h = sign | ((r + u32(0xFFF) + ((r >> u32(13)) & u32(1))) >> u32(13))
+                            else:
+                                q = abs(np.float64(x)) * 16777216.0
+                                f = np.floor(q)
+                                if q - f > 0.5 or (q - f == 0.5 and f % 2.0 == 1.0):
+                                    f += 1.0
+                                h = sign | u32(f)
+                            out[i3, i2, i1, i0] = tab[h] * g
+    return geglu
+
+
 @register(GGMLOp.GLU)
 def build_glu(node: Tensor) -> Kernel:
     a, b = node.src[0], node.src_at(1)
@@ -429,6 +471,9 @@ def build_glu(node: Tensor) -> Kernel:
         ra, rb = (lambda: whole()[..., first]), (lambda: whole()[..., second])
     fn = _glu_fn(node, node.param_i32(0), a.type)
     store = f32_store(node)
+    if node.param_i32(0) == GluOp.GEGLU and a.type == node.type == GGMLType.F32:
+        geglu, tab, out = _geglu_f32(), gelu_table(), view(node)
+        return lambda: geglu(ra(), rb(), out, tab)
 
     def kernel() -> None:
         with np.errstate(all="ignore"):

@@ -7,8 +7,9 @@ rotated in a handful of numpy calls.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, RopeMode
 from . import Kernel, register
 from .common import require, view
-from .elementwise import f32_source
+from .elementwise import f32_source, f32_store
 
 F32 = np.float32
 F64 = np.float64
@@ -104,9 +105,10 @@ class _Rope:
         self.n_streams = 4 if p.mode & RopeMode.MROPE else 1
         self.max_expo = int(self.expo.max()) + 1 if self.n_pairs else 1
         self.ramp_mix, self.mscale = yarn_blend(p, self.n_pairs)
-        self.pos = view(pos).reshape(-1)
+        self.pos = view(pos)[0, 0, 0]
         self.ne2 = ne2
-        self.ff = view(ff).reshape(-1)[:self.n_pairs] if ff is not None else None
+        self.ff = view(ff)[0, 0, 0, :self.n_pairs] if ff is not None else None
+        self.key = (p, self.n_pairs, ne2)
         # element index ranges of the two halves of every pair (last axis of the (ne3, ne2, ne1, ne0) view)
         o, nd = p.n_offs, p.n_dims
         if p.mode == RopeMode.NORMAL:
@@ -118,8 +120,18 @@ class _Rope:
         self.keep = [] if vision else [s for s in (slice(0, o), slice(o + nd, ne0)) if s.start < s.stop]
 
     def cos_sin(self) -> tuple[np.ndarray, np.ndarray]:
-        """cos/sin tables (ne2, n_pairs) for the current positions."""
-        ne2, n_pairs = self.ne2, self.n_pairs
+        """cos/sin tables (ne2, n_pairs) for the current positions, shared by the nodes of a graph that
+        rotate with the same parameters and positions (every layer's Q and K)."""
+        key = (self.key, self.pos.tobytes(), None if self.ff is None else self.ff.tobytes())
+        hit = _TABLES.get(key)
+        if hit is None:
+            if len(_TABLES) >= 64:
+                _TABLES.clear()
+            hit = _TABLES[key] = self._cos_sin()
+        return hit
+
+    def _cos_sin(self) -> tuple[np.ndarray, np.ndarray]:
+        ne2 = self.ne2
         steps = np.empty((self.n_streams, ne2, self.max_expo), F32)
         steps[..., 1:] = self.theta_scale
         steps[..., 0] = self.pos[:self.n_streams * ne2].reshape(self.n_streams, ne2).astype(F32)
@@ -133,7 +145,34 @@ class _Rope:
         else:
             theta = interp
         t64 = theta.astype(F64)
-        return (np.cos(t64).astype(F32) * self.mscale), (np.sin(t64).astype(F32) * self.mscale)
+        return (np.ascontiguousarray(np.cos(t64).astype(F32) * self.mscale),
+                np.ascontiguousarray(np.sin(t64).astype(F32) * self.mscale))
+
+
+_TABLES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+@functools.cache
+def _rotator() -> Callable[..., None]:
+    import numba
+
+    @numba.njit(cache=True)
+    def rotate(x, y, cos, sin, first, step, partner):  # pragma: no cover - compiled
+        """y[.., j] / y[.., j + partner] for j = first + k*step: the pair rotated by angle k of row i2,
+        as fma(x0, cos, -(x1*sin)) and fma(x0, sin, x1*cos) (ggml's build contracts these)."""
+        n3, n2, n1, _ = x.shape
+        n_pairs = cos.shape[1]
+        for a in range(n3):
+            for b in range(n2):
+                for c in range(n1):
+                    for k in range(n_pairs):
+                        j0 = first + k * step
+                        x0 = x[a, b, c, j0]
+                        x1 = x[a, b, c, j0 + partner]
+                        cs, sn = cos[b, k], sin[b, k]
+                        y[a, b, c, j0] = np.float32(np.float64(x0) * cs - np.float64(np.float32(x1 * sn)))
+                        y[a, b, c, j0 + partner] = np.float32(np.float64(x0) * sn + np.float64(np.float32(x1 * cs)))
+    return rotate
 
 
 @register(GGMLOp.ROPE)
@@ -159,23 +198,23 @@ def build_rope(node: Tensor) -> Kernel:
     r = _Rope(node)
     if ff is not None:
         require(ff.type == GGMLType.F32 and ff.nelements >= r.n_pairs, node, "bad frequency factors")
-    read, dst = f32_source(src), view(node)
-    xv = view(src)
-    i0, i1 = r.i0, r.i1
-    f16 = node.type == GGMLType.F16
+    dst, xv = view(node), view(src)
+    first, step, partner = r.i0.start, r.i0.step or 1, r.i1.start - r.i0.start
+    keep = [s for s in r.keep] if not np.may_share_memory(dst, xv) else []
+    rotate = _rotator()
+    if node.type == GGMLType.F32:
+        def kernel() -> None:
+            for s in keep:
+                dst[..., s] = xv[..., s]
+            cos, sin = r.cos_sin()
+            rotate(xv, dst, cos, sin, first, step, partner)
+        return kernel
+    read, store = f32_source(src), f32_store(node)
 
-    def kernel() -> None:
-        cos, sin = r.cos_sin()
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    def kernel16() -> None:          # F16: rotate in float32, round once
         x = read()
-        x0, x1 = x[..., i0], x[..., i1]
-        y0 = fma(x0, cos, -(x1 * sin))
-        y1 = fma(x0, sin, x1 * cos)
-        if f16:
-            with np.errstate(over="ignore"):
-                y0, y1 = y0.astype(np.float16), y1.astype(np.float16)
-        for s in r.keep:
-            dst[..., s] = xv[..., s]
-        dst[..., i0] = y0
-        dst[..., i1] = y1
-    return kernel
+        cos, sin = r.cos_sin()
+        rotate(x, x, cos, sin, first, step, partner)
+        with np.errstate(over="ignore"):
+            store(x)
+    return kernel16
