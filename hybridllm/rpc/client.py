@@ -5,7 +5,7 @@ Unlike llama.cpp's client, a malformed reply or a closed connection raises inste
 from __future__ import annotations
 
 import socket
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..ggml.types import default_strides
 from . import protocol as P
@@ -78,7 +78,7 @@ class RpcClient:
             return self.sock.recv(1) == b""
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
         finally:
             self.sock.settimeout(old)

@@ -7,19 +7,63 @@ hand, keeping bulk data as memoryviews. protocol.py ties them to command ids.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Sequence, TypeVar, Union
+from typing import ClassVar, NamedTuple, TypeVar, Union
+
+from typing_extensions import Self
 
 __all__ = [
-    "ProtocolError", "RpcTensor", "Message", "Empty", "HelloReq", "DeviceCountReq", "AllocBufferReq",
-    "GetAlignmentReq", "GetMaxSizeReq", "GetDeviceMemoryReq", "BufferGetBaseReq", "FreeBufferReq",
-    "BufferClearReq", "InitTensorReq", "GetAllocSizeReq", "SetTensorHashReq", "GetTensorReq", "CopyTensorReq",
-    "MemsetTensorReq", "GetTensor2dReq", "GraphRecomputeReq", "CommInitReq", "CommAllreduceReq",
-    "CommFreeReq", "SetTensorReq", "SetTensor2dReq", "GraphComputeReq", "HelloRsp", "DeviceCountRsp",
-    "AllocBufferRsp", "GetAlignmentRsp", "GetMaxSizeRsp", "BufferGetBaseRsp", "GetDeviceMemoryRsp",
-    "GetAllocSizeRsp", "SetTensorHashRsp", "CopyTensorRsp", "CommInitRsp", "GetTensorRsp", "unpack_tensor",
-    "unpack_tensors", "PROTO_VERSION", "CONN_CAPS_SIZE", "RPC_TENSOR_SIZE", "GRAPH_CACHE_LIMIT",
-    "HASH_THRESHOLD", "MAX_SRC", "Buffers", "ByteLike", "NULL_TENSOR",
+    "CONN_CAPS_SIZE",
+    "GRAPH_CACHE_LIMIT",
+    "HASH_THRESHOLD",
+    "MAX_SRC",
+    "NULL_TENSOR",
+    "PROTO_VERSION",
+    "RPC_TENSOR_SIZE",
+    "AllocBufferReq",
+    "AllocBufferRsp",
+    "BufferClearReq",
+    "BufferGetBaseReq",
+    "BufferGetBaseRsp",
+    "Buffers",
+    "ByteLike",
+    "CommAllreduceReq",
+    "CommFreeReq",
+    "CommInitReq",
+    "CommInitRsp",
+    "CopyTensorReq",
+    "CopyTensorRsp",
+    "DeviceCountReq",
+    "DeviceCountRsp",
+    "Empty",
+    "FreeBufferReq",
+    "GetAlignmentReq",
+    "GetAlignmentRsp",
+    "GetAllocSizeReq",
+    "GetAllocSizeRsp",
+    "GetDeviceMemoryReq",
+    "GetDeviceMemoryRsp",
+    "GetMaxSizeReq",
+    "GetMaxSizeRsp",
+    "GetTensor2dReq",
+    "GetTensorReq",
+    "GetTensorRsp",
+    "GraphComputeReq",
+    "GraphRecomputeReq",
+    "HelloReq",
+    "HelloRsp",
+    "InitTensorReq",
+    "MemsetTensorReq",
+    "Message",
+    "ProtocolError",
+    "RpcTensor",
+    "SetTensor2dReq",
+    "SetTensorHashReq",
+    "SetTensorHashRsp",
+    "SetTensorReq",
+    "unpack_tensor",
+    "unpack_tensors",
 ]
 
 PROTO_VERSION = (8, 0, 0)
@@ -29,7 +73,7 @@ GRAPH_CACHE_LIMIT = 1024               # per-device uid cache size on both sides
 HASH_THRESHOLD = 10 * 1024 * 1024      # clients use SET_TENSOR_HASH above this (§5.12)
 MAX_SRC = 10
 
-Buffers = list[Union[bytes, bytearray, memoryview]]
+Buffers = list[bytes | bytearray | memoryview]
 ByteLike = Union[bytes, bytearray, memoryview]
 
 
@@ -120,7 +164,7 @@ class Message:
         cls.SIZE = cls._struct.size
 
     @classmethod
-    def decode(cls: type[M], payload: ByteLike) -> M:
+    def decode(cls, payload: ByteLike) -> Self:
         flat = cls._struct.unpack(payload)
         values: list[object] = []
         i = 0
@@ -159,78 +203,77 @@ def _flatten(t: RpcTensor) -> list[object]:
             t.view_offs, t.data, t.name, t.use_count]
 
 
-_msg = dataclass(frozen=True, slots=True)
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class Empty(Message):
     LAYOUT = ()
 
 
 # requests (client -> server) -----------------------------------------------------------------------------------
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class HelloReq(Message):
     LAYOUT = ("24s",)
     conn_caps: bytes = bytes(CONN_CAPS_SIZE)
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class DeviceCountReq(Empty):
     pass
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class AllocBufferReq(Message):
     LAYOUT = ("I", "Q")
     device: int
     size: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetAlignmentReq(Message):
     LAYOUT = ("I",)
     device: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetMaxSizeReq(Message):
     LAYOUT = ("I",)
     device: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetDeviceMemoryReq(Message):
     LAYOUT = ("I",)
     device: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class BufferGetBaseReq(Message):
     LAYOUT = ("Q",)
     remote_ptr: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class FreeBufferReq(Message):
     LAYOUT = ("Q",)
     remote_ptr: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class BufferClearReq(Message):
     LAYOUT = ("Q", "B")
     remote_ptr: int
     value: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class InitTensorReq(Message):
     LAYOUT = ("T",)
     tensor: RpcTensor
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetAllocSizeReq(Message):
     LAYOUT = ("I", "T", "T10")
     device: int
@@ -238,7 +281,7 @@ class GetAllocSizeReq(Message):
     srcs: tuple[RpcTensor, ...] = (NULL_TENSOR,) * MAX_SRC
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class SetTensorHashReq(Message):
     LAYOUT = ("T", "Q", "Q")
     tensor: RpcTensor
@@ -246,7 +289,7 @@ class SetTensorHashReq(Message):
     hash: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetTensorReq(Message):
     LAYOUT = ("T", "Q", "Q")
     tensor: RpcTensor
@@ -254,14 +297,14 @@ class GetTensorReq(Message):
     size: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class CopyTensorReq(Message):
     LAYOUT = ("T", "T")
     src: RpcTensor
     dst: RpcTensor
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class MemsetTensorReq(Message):
     LAYOUT = ("T", "Q", "Q", "B")
     tensor: RpcTensor
@@ -270,7 +313,7 @@ class MemsetTensorReq(Message):
     value: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetTensor2dReq(Message):
     LAYOUT = ("T", "Q", "Q", "Q", "Q")
     tensor: RpcTensor
@@ -280,14 +323,14 @@ class GetTensor2dReq(Message):
     stride: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GraphRecomputeReq(Message):
     LAYOUT = ("I", "Q")
     device: int
     uid: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class CommInitReq(Message):
     LAYOUT = ("I", "I", "I", "I", "64s")
     device: int
@@ -297,14 +340,14 @@ class CommInitReq(Message):
     host: bytes = bytes(64)
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class CommAllreduceReq(Message):
     LAYOUT = ("I", "T")
     device: int
     tensor: RpcTensor
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class CommFreeReq(Message):
     LAYOUT = ("I",)
     device: int
@@ -316,7 +359,7 @@ _GRAPH_HDR = struct.Struct("<IQI")        # device, uid, n_nodes
 _U32 = struct.Struct("<I")
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class SetTensorReq(Message):
     """`rpc_tensor | u8 cache_flag | u64 offset | data` (§5.11); `data` is a view, never copied."""
     SIZE = None
@@ -337,7 +380,7 @@ class SetTensorReq(Message):
         return [self.tensor.pack() + _SET_HDR.pack(self.cache_flag, self.offset), self.data]
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class SetTensor2dReq(Message):
     """`rpc_tensor | u64 offset, size, n_copies, stride | data[size*n_copies]` (§5.16)."""
     SIZE = None
@@ -362,7 +405,7 @@ class SetTensor2dReq(Message):
         return [self.tensor.pack() + hdr, self.data]
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GraphComputeReq(Message):
     """v8 layout: `u32 device | u64 uid | u32 n_nodes | u64 nodes[] | u32 n_tensors | rpc_tensor[]` (§5.18)."""
     SIZE = None
@@ -397,7 +440,7 @@ class GraphComputeReq(Message):
 
 # responses (server -> client) ---------------------------------------------------------------------------------
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class HelloRsp(Message):
     LAYOUT = ("B", "B", "B", "B", "24s")
     major: int = PROTO_VERSION[0]
@@ -407,69 +450,69 @@ class HelloRsp(Message):
     conn_caps: bytes = bytes(CONN_CAPS_SIZE)
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class DeviceCountRsp(Message):
     LAYOUT = ("I",)
     device_count: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class AllocBufferRsp(Message):
     LAYOUT = ("Q", "Q")
     remote_ptr: int
     remote_size: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetAlignmentRsp(Message):
     LAYOUT = ("Q",)
     alignment: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetMaxSizeRsp(Message):
     LAYOUT = ("Q",)
     max_size: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class BufferGetBaseRsp(Message):
     LAYOUT = ("Q",)
     base_ptr: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetDeviceMemoryRsp(Message):
     LAYOUT = ("Q", "Q")
     free_mem: int
     total_mem: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetAllocSizeRsp(Message):
     LAYOUT = ("Q",)
     alloc_size: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class SetTensorHashRsp(Message):
     LAYOUT = ("B",)
     result: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class CopyTensorRsp(Message):
     LAYOUT = ("B",)
     result: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class CommInitRsp(Message):
     LAYOUT = ("B",)
     ok: int
 
 
-@_msg
+@dataclass(frozen=True, slots=True)
 class GetTensorRsp(Message):
     """Raw bytes; the expected size is the request's `size` (or size*n_copies for the 2D variant)."""
     SIZE = None

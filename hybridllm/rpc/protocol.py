@@ -11,7 +11,7 @@ import struct
 from enum import IntEnum
 from typing import NamedTuple, Union
 
-from .messages import *  # noqa: F403 - the message structs are part of this module's API
+from .messages import *
 from .messages import Buffers, ByteLike, Message, ProtocolError
 
 

@@ -12,8 +12,8 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Sequence
 
 from ..backends.base import Backend, Unsupported
 from . import protocol as P

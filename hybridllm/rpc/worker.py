@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..backends.base import Backend, Buffer, Plan, Unsupported
 from ..ggml.tensor import Tensor
-from ..ggml.types import (GGML_OP_COUNT, GGML_TYPE_COUNT, TRAITS, VIEW_OPS, GGMLOp, GGMLType, GluOp,
-                          TensorFlag, UnaryOp)
+from ..ggml.types import (
+    GGML_OP_COUNT,
+    GGML_TYPE_COUNT,
+    TRAITS,
+    VIEW_OPS,
+    GGMLOp,
+    GGMLType,
+    GluOp,
+    TensorFlag,
+    UnaryOp,
+)
 from . import protocol as P
 from .cache import TensorCache
 
@@ -257,7 +267,7 @@ class Session:
 
     def _copy_tensor(self, req: P.CopyTensorReq) -> P.CopyTensorRsp:
         src, sbuf = self._stored(req.src, "COPY_TENSOR")
-        dst, dbuf = self._stored(req.dst, "COPY_TENSOR")
+        _, dbuf = self._stored(req.dst, "COPY_TENSOR")
         n = src.nbytes
         if req.dst.data < dbuf.base or req.dst.data + n > dbuf.base + dbuf.size:
             raise SessionError(f"COPY_TENSOR: {n} bytes at {req.dst.data:#x} overflow the destination buffer")
@@ -383,9 +393,10 @@ class Session:
             tid = stack.pop()
             if tid in memo:
                 continue
-            rt = index.get(tid)
-            if rt is None:
+            found = index.get(tid)
+            if found is None:
                 raise SessionError(f"graph references tensor id {tid:#x} that was not sent")
+            rt = found
             t = self._tensor(rt)
             if t.buffer is None and rt.data:
                 raise SessionError(f"{_label(rt)}: invalid data ptr {rt.data:#x} without a buffer")

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+from rpc_helpers import HOST, check_good_client
 
 from hybridllm.backends.numpy_backend import NumpyBackend
 from hybridllm.rpc.client import RpcClient
 from hybridllm.rpc.server import ServerThread
-
-from rpc_helpers import HOST, check_good_client
 
 
 @pytest.fixture(scope="module")

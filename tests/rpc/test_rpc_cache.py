@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rpc_helpers import F32, HOST
 
 from hybridllm.backends.numpy_backend import NumpyBackend
 from hybridllm.rpc import protocol as P
 from hybridllm.rpc.cache import TensorCache, fnv1a_64
 from hybridllm.rpc.client import RpcClient, rpc_tensor
 from hybridllm.rpc.server import ServerThread
-
-from rpc_helpers import F32, HOST
 
 _PEER_STREAM = textwrap.dedent("""
     import socket, sys

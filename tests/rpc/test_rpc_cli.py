@@ -5,14 +5,13 @@ import signal
 import socket
 
 import pytest
+from rpc_helpers import HOST
 
 from hybridllm.cli import main
 from hybridllm.rpc import protocol as P
 from hybridllm.rpc.cli import parse_size
 from hybridllm.rpc.client import RpcClient
 from hybridllm.testing.procs import start_worker
-
-from rpc_helpers import HOST
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -56,7 +55,7 @@ def test_worker_subprocess_two_devices_and_graceful_stop(tmp_path, sig):
         with RpcClient(HOST, srv.port) as c:
             assert c.call(P.DeviceCountReq()) == P.DeviceCountRsp(2)
             assert c.call(P.GetDeviceMemoryReq(1)).total_mem == 1 << 30
-            h, base = c.alloc_buffer(4096, device=1)
+            _, base = c.alloc_buffer(4096, device=1)
             assert base != 0
             srv.proc.send_signal(sig)
             assert srv.proc.wait(timeout=20) == 0

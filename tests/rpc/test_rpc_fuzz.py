@@ -11,6 +11,7 @@ import time
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rpc_helpers import HOST, add_graph
 
 from hybridllm.backends.base import Unsupported
 from hybridllm.backends.numpy_backend import NumpyBackend
@@ -18,8 +19,6 @@ from hybridllm.rpc import protocol as P
 from hybridllm.rpc.client import RpcClient
 from hybridllm.rpc.server import ServerThread
 from hybridllm.rpc.worker import Session, SessionError
-
-from rpc_helpers import HOST, add_graph
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1

@@ -8,12 +8,11 @@ import struct
 import time
 
 import pytest
+from rpc_helpers import golden_frame, golden_index
 
 from hybridllm.backends.numpy_backend import NumpyBackend, NumpyBuffer
 from hybridllm.rpc import protocol as P
 from hybridllm.rpc.worker import Session
-
-from rpc_helpers import golden_frame, golden_index
 
 FRAMES = golden_index()
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from rpc_helpers import GOLDEN
 
 from hybridllm.testing.peer_master import run_master
 from hybridllm.testing.procs import start_worker
-
-from rpc_helpers import GOLDEN
 
 PROMPT = "The capital of France is"   # the prompt protocol/capture.py used
 

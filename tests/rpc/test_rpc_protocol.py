@@ -5,11 +5,10 @@ import random
 import struct
 
 import pytest
+from rpc_helpers import golden_frame, golden_index
 
 from hybridllm.rpc import protocol as P
 from hybridllm.rpc.client import rpc_tensor
-
-from rpc_helpers import golden_frame, golden_index
 
 # ggml-rpc.md §4: (request payload size or None if variable, response payload size or None)
 SPEC_TABLE = {

@@ -8,14 +8,13 @@ import time
 
 import numpy as np
 import pytest
+from rpc_helpers import COMPUTE, F32, HOST, add_graph
 
 from hybridllm.backends.numpy_backend import NumpyBackend
 from hybridllm.ggml.types import GGMLOp, GGMLType
 from hybridllm.rpc import protocol as P
 from hybridllm.rpc.client import RpcClient, rpc_tensor
 from hybridllm.rpc.worker import Session, SessionError
-
-from rpc_helpers import COMPUTE, F32, HOST, add_graph
 
 U64 = (1 << 64) - 1
 I32 = GGMLType.I32
@@ -127,7 +126,7 @@ def test_many_clients_at_once(worker):
     try:
         results = []
         for i, c in enumerate(clients):
-            req, e = add_graph(c, uid=5, scale=float(i))
+            _, e = add_graph(c, uid=5, scale=float(i))
             results.append((c, e, i))
         for c, e, i in results:
             np.testing.assert_array_equal(np.frombuffer(c.get_tensor(e, 32), np.float32),
@@ -202,7 +201,7 @@ def test_device_out_of_range(connect, expect_close, msg):
 
 
 def _tensor_case(kind: str, h: int, base: int) -> tuple[P.Message, str]:
-    t = lambda **kw: rpc_tensor(1, kw.pop("type", F32), kw.pop("ne", (4,)), buffer=h, **kw)  # noqa: E731
+    t = lambda **kw: rpc_tensor(1, kw.pop("type", F32), kw.pop("ne", (4,)), buffer=h, **kw)
     cases = {
         "before_base": (P.GetTensorReq(t(data=base - 4), 0, 4), "outside its buffer"),
         "past_end": (P.GetTensorReq(t(data=base + 1020), 0, 4), "outside its buffer"),
@@ -257,7 +256,7 @@ def _graph(c: RpcClient, kind: str) -> tuple[P.GraphComputeReq, str]:
     h, base = c.alloc_buffer(1024)
     a = rpc_tensor(1, F32, (4, 2), buffer=h, data=base, name="a")
     scale = np.array([1.0, 0.0], np.float32).tobytes()
-    node = lambda src, **kw: rpc_tensor(2, kw.pop("type", F32), kw.pop("ne", (4, 2)), buffer=h,  # noqa: E731
+    node = lambda src, **kw: rpc_tensor(2, kw.pop("type", F32), kw.pop("ne", (4, 2)), buffer=h,
                                         data=kw.pop("data", base + 64), src=src, flags=COMPUTE, name="n", **kw)
     if kind == "missing_src":
         return P.GraphComputeReq(0, 0, (2,), (node((1, 3), op=GGMLOp.ADD), a)), "not sent"
@@ -311,7 +310,7 @@ def test_graph_checks(connect, expect_close, kind):
 
 def test_recompute_after_free_buffer(connect, expect_close):
     c = connect()
-    req, e = add_graph(c, uid=42)
+    add_graph(c, uid=42)
     h2, _ = c.alloc_buffer(64)
     c.call(P.GraphRecomputeReq(0, 42))
     c.call(P.FreeBufferReq(h2))   # any FREE_BUFFER invalidates every cached graph (§5.7)
