@@ -12,6 +12,8 @@ import math
 import struct
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from .tensor import Tensor
 from .types import (GGML_MAX_NAME, TRAITS, GGMLOp, GGMLType, GluOp, TensorFlag, UnaryOp, nbytes,
                     row_size)
@@ -610,7 +612,8 @@ def pad(a: Tensor, p0: int, p1: int = 0, p2: int = 0, p3: int = 0) -> Tensor:
 
 def arange(start: float, stop: float, step: float) -> Tensor:
     _check(stop > start, "arange needs stop > start")
-    steps = math.ceil(struct.unpack("<f", struct.pack("<f", (stop - start) / step))[0])
+    f32 = np.float32  # ceilf((stop - start) / step) in float arithmetic
+    steps = math.ceil(float((f32(stop) - f32(start)) / f32(step)))
     return _set_op(_new(GGMLType.F32, (steps,)), GGMLOp.ARANGE,
                    params=_params(float(start), float(stop), float(step)))
 

@@ -1,0 +1,196 @@
+"""The KV cache, laid out and addressed like llama.cpp's (llama-kv-cache.cpp), for one sequence.
+
+Each attention layer owns a K and a V tensor of shape (n_embd_k_gqa, kv_size) in one backend buffer
+(F16 by default). A ubatch's K/V rows are written by SET_ROWS nodes at cell indices passed as I64 inputs
+(`attn_inp_k_idxs` / `attn_inp_v_idxs`), attention reads a view of the first n_kv cells (n_kv padded to
+256 so that decode graphs can be reused), and an F16 mask (`attn_inp_kq_mask`, 0 or -inf) hides empty
+cells, future positions and, in a sliding-window cache, positions older than the window. V is stored
+untransposed, the flash-attention layout.
+
+Placement: the full cache puts position p in cell p; a sliding-window cache is a ring (cell p mod size),
+sized n_swa + n_ubatch rounded up to 256 so that a ubatch never overwrites a cell still in its window.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..ggml import ops
+from ..ggml.tensor import Tensor
+from ..ggml.types import GGMLType, row_size
+from .alloc import MIN_ALIGNMENT, AllocError
+
+KV_PAD = 256  # llama.cpp pads n_ctx, n_kv and the SWA cache size to 256 cells
+
+
+def pad(n: int, to: int = KV_PAD) -> int:
+    return (n + to - 1) // to * to
+
+
+class ContextOverflow(Exception):
+    """The sequence does not fit the context; the message says by how much."""
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One attention layer's cache geometry."""
+    il: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+
+    @property
+    def n_embd_k_gqa(self) -> int:
+        return self.n_head_kv * self.head_dim_k
+
+    @property
+    def n_embd_v_gqa(self) -> int:
+        return self.n_head_kv * self.head_dim_v
+
+
+class KVCache:
+    """K/V tensors for a set of layers, and which position each cell holds (-1 = empty)."""
+
+    def __init__(self, backend: Backend, layers: Sequence[LayerKV], size: int, *,
+                 type_k: GGMLType = GGMLType.F16, type_v: GGMLType = GGMLType.F16,
+                 n_swa: int = 0, name_tag: str = "") -> None:
+        self.backend, self.size, self.n_swa = backend, size, n_swa
+        self.layers = {spec.il: spec for spec in layers}
+        self.k: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
+        offsets, total = [], 0
+        for spec in layers:
+            k = ops.set_name(ops.new_tensor_3d(type_k, spec.n_embd_k_gqa, size, 1), f"cache_{name_tag}k_l{spec.il}")
+            v = ops.set_name(ops.new_tensor_3d(type_v, spec.n_embd_v_gqa, size, 1), f"cache_{name_tag}v_l{spec.il}")
+            for t in (k, v):
+                offsets.append((t, total))
+                total = pad(total + backend.alloc_size(t), MIN_ALIGNMENT)
+            self.k[spec.il], self.v[spec.il] = k, v
+        self.nbytes = total
+        buf = backend.alloc_buffer(max(total, MIN_ALIGNMENT)) if layers else None
+        if layers and buf is None:
+            raise AllocError(f"cannot allocate a {total / 2**20:.1f} MiB KV cache on {backend.name}")
+        self.buffer = buf
+        for t, off in offsets:
+            t.buffer, t.offset = buf, off
+        if buf is not None:
+            backend.clear(buf, 0)  # as llama.cpp does: empty cells must hold finite values
+        self.pos = np.full(size, -1, dtype=np.int64)
+
+    # --- cell bookkeeping ----------------------------------------------------------------------
+    def cells_for(self, positions: np.ndarray) -> np.ndarray:
+        """Cell index of each position of a ubatch (no state change)."""
+        if self.n_swa:
+            return positions % self.size
+        if positions.size and int(positions.max()) >= self.size:
+            raise ContextOverflow(f"context is full: position {int(positions.max())} does not fit "
+                                  f"{self.size} cells (use a larger --ctx)")
+        return positions.astype(np.int64)
+
+    def apply(self, positions: np.ndarray, cells: np.ndarray) -> None:
+        self.pos[cells] = positions
+
+    def n_kv(self) -> int:
+        """Cells attention looks at: used cells rounded up to 256, at least 256, at most the size."""
+        used = np.flatnonzero(self.pos >= 0)
+        used_max_p1 = int(used[-1]) + 1 if used.size else 0
+        return min(self.size, max(KV_PAD, pad(used_max_p1)))
+
+    def clear(self) -> None:
+        self.pos[:] = -1
+
+    def seq_rm(self, p0: int) -> bool:
+        """Forget positions >= p0. False if a sliding-window ring already overwrote cells still needed."""
+        if self.n_swa and (self.pos >= 0).any():
+            newest = int(self.pos.max())
+            if newest >= p0 and newest - self.size >= p0 - self.n_swa:
+                return False
+        self.pos[self.pos >= p0] = -1
+        return True
+
+    def max_pos(self) -> int:
+        return int(self.pos.max())
+
+    # --- inputs --------------------------------------------------------------------------------
+    def kq_mask(self, n_kv: int, positions: np.ndarray) -> np.ndarray:
+        """F16 (n_tokens, n_kv) mask: 0 where token t may attend cell j, -inf elsewhere."""
+        cell_pos = self.pos[:n_kv][None, :]
+        tok_pos = positions.astype(np.int64)[:, None]
+        keep = (cell_pos >= 0) & (cell_pos <= tok_pos)
+        if self.n_swa:
+            keep &= (tok_pos - cell_pos) < self.n_swa
+        return np.where(keep, np.float16(0.0), np.float16(-np.inf))
+
+    # --- graph pieces (llama_kv_cache::get_k / get_v / cpy_k / cpy_v) ---------------------------
+    def get_k(self, il: int, n_kv: int) -> Tensor:
+        k, spec = self.k[il], self.layers[il]
+        return ops.view_4d(k, spec.head_dim_k, spec.n_head_kv, n_kv, 1,
+                           row_size(k.type, spec.head_dim_k), row_size(k.type, spec.n_embd_k_gqa),
+                           row_size(k.type, spec.n_embd_k_gqa * self.size), 0)
+
+    def get_v(self, il: int, n_kv: int) -> Tensor:
+        v, spec = self.v[il], self.layers[il]
+        return ops.view_4d(v, spec.head_dim_v, spec.n_head_kv, n_kv, 1,
+                           row_size(v.type, spec.head_dim_v), row_size(v.type, spec.n_embd_v_gqa),
+                           row_size(v.type, spec.n_embd_v_gqa * self.size), 0)
+
+    def cpy_k(self, k_cur: Tensor, k_idxs: Tensor, il: int) -> Tensor:
+        n_embd_gqa = k_cur.ne[0] * k_cur.ne[1]
+        k_cur = ops.view_2d(k_cur, n_embd_gqa, k_cur.ne[2], k_cur.nb[2], 0)
+        return ops.set_rows(self.k[il], k_cur, k_idxs)
+
+    def cpy_v(self, v_cur: Tensor, v_idxs: Tensor, il: int) -> Tensor:
+        n_embd_gqa = v_cur.ne[0] * v_cur.ne[1]
+        v_cur = ops.view_2d(v_cur, n_embd_gqa, v_cur.ne[2], v_cur.nb[2], 0)
+        return ops.set_rows(self.v[il], v_cur, v_idxs)
+
+    def free(self) -> None:
+        if self.buffer is not None:
+            self.backend.free_buffer(self.buffer)
+            self.buffer = None
+
+
+class KVCacheISWA:
+    """llama_kv_cache_iswa: a full cache for the global layers and a ring cache for the SWA layers."""
+
+    def __init__(self, base: KVCache, swa: KVCache) -> None:
+        self.base, self.swa = base, swa
+
+    @property
+    def caches(self) -> tuple[KVCache, ...]:
+        return (self.base, self.swa)
+
+    def cache_for(self, il: int) -> KVCache:
+        return self.swa if il in self.swa.layers else self.base
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes + self.swa.nbytes
+
+    def free(self) -> None:
+        self.base.free()
+        self.swa.free()
+
+
+class KVUnified:
+    """A single full cache presented with the same interface as KVCacheISWA."""
+
+    def __init__(self, base: KVCache) -> None:
+        self.base = base
+
+    @property
+    def caches(self) -> tuple[KVCache, ...]:
+        return (self.base,)
+
+    def cache_for(self, il: int) -> KVCache:
+        return self.base
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes
+
+    def free(self) -> None:
+        self.base.free()

@@ -1,0 +1,236 @@
+"""Running a GGUF model: load weights onto a backend, keep a KV cache, and evaluate tokens.
+
+A prompt is split into ubatches (default 512 tokens); each ubatch shape gets one graph that is built,
+allocated and prepared once and then reused: later calls only write the input tensors (tokens,
+positions, KV indices, masks) and run the prepared plan. Decoding one token at a time therefore
+re-runs the same graph until the KV view grows by another 256 cells, as llama.cpp's graph reuse does.
+
+    runner = load("model.gguf", n_ctx=4096)
+    logits = runner.decode(prompt_ids)        # (1, n_vocab) for the last token
+    logits = runner.decode([next_id])
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..backends.base import Backend, Unsupported
+from ..ggml.tensor import Tensor
+from ..ggml.types import GGMLType
+from ..models import model_class
+from ..models.blocks import GraphContext, Model
+from .alloc import ComputeBuffer
+from .gguf_file import GGUFFile
+from .kv_cache import ContextOverflow
+
+__all__ = ["ModelRunner", "RunnerConfig", "EngineError", "ContextOverflow", "load", "make_backend"]
+
+
+class EngineError(RuntimeError):
+    """The model cannot run on this backend (an op or type it does not support); one line."""
+
+
+@dataclass
+class RunnerConfig:
+    n_ctx: int = 4096
+    n_ubatch: int = 512
+    type_k: GGMLType = GGMLType.F16
+    type_v: GGMLType = GGMLType.F16
+    flash_attn: bool = True
+    max_graphs: int = 4      # prepared graphs kept (prompt shapes + the decode shape)
+
+
+@dataclass
+class _Prepared:
+    ctx: GraphContext
+    logits: Tensor
+    compute: ComputeBuffer
+    plan: object
+
+
+@dataclass
+class Stats:
+    """Where time went (seconds), for `bench` and profiling."""
+    build_s: float = 0.0
+    inputs_s: float = 0.0
+    compute_s: float = 0.0
+    read_s: float = 0.0
+    graphs_built: int = 0
+    ubatches: int = 0
+    tokens: int = 0
+    per_key: dict = field(default_factory=dict)
+
+
+def make_backend(device: str = "cpu") -> Backend:
+    if device == "cpu":
+        from ..backends.numpy_backend import NumpyBackend
+        return NumpyBackend()
+    raise EngineError(f"unknown device {device!r} (available: cpu)")
+
+
+class ModelRunner:
+    """A loaded model with its KV cache: `decode()` appends tokens and returns their logits."""
+
+    def __init__(self, model: Model, config: RunnerConfig | None = None, metadata: dict | None = None) -> None:
+        self.model, self.config = model, config or RunnerConfig()
+        self.hp = model.hp
+        self.backend = model.backend
+        self.metadata = metadata or {}
+        if self.config.n_ctx <= 0 or self.config.n_ubatch <= 0:
+            raise EngineError("context and ubatch sizes must be positive")
+        self.kv = model.make_kv(self.config.n_ctx, self.config.n_ubatch, self.config.type_k, self.config.type_v)
+        self.n_ctx = self.kv.base.size
+        self.n_past = 0
+        self._graphs: OrderedDict[tuple, _Prepared] = OrderedDict()
+        self.stats = Stats()
+
+    # --- public API ------------------------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self.hp.n_vocab
+
+    def decode(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Evaluate `tokens` at positions n_past.. and return float32 logits: the last token's row
+        (shape (1, n_vocab)), or every token's (len(tokens), n_vocab) with all_logits."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("decode() needs at least one token")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+        if self.n_past + ids.size > self.n_ctx:
+            raise ContextOverflow(f"context overflow: {self.n_past} + {ids.size} tokens exceed the "
+                                  f"context of {self.n_ctx} (use a larger --ctx)")
+        outs = []
+        step = self.config.n_ubatch
+        for s in range(0, ids.size, step):
+            chunk = ids[s:s + step]
+            last = s + step >= ids.size
+            out_rows = np.arange(chunk.size, dtype=np.int32) if all_logits else (
+                np.array([chunk.size - 1], dtype=np.int32) if last else np.zeros(0, dtype=np.int32))
+            logits = self._ubatch(chunk, out_rows)
+            if out_rows.size:
+                outs.append(logits)
+        return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def reset(self) -> None:
+        """Forget the sequence (the cache contents stay; their cells are marked empty)."""
+        for cache in self.kv.caches:
+            cache.clear()
+        self.n_past = 0
+
+    def rewind(self, n_past: int) -> bool:
+        """Keep only the first n_past positions; False (and a reset) if the SWA ring cannot go back."""
+        if n_past >= self.n_past:
+            return True
+        ok = all(cache.seq_rm(n_past) for cache in self.kv.caches)
+        if not ok:
+            self.reset()
+            return False
+        self.n_past = n_past
+        return True
+
+    def close(self) -> None:
+        for prep in self._graphs.values():
+            prep.compute.free()
+        self._graphs.clear()
+        self.kv.free()
+        self.model.free()
+
+    # --- one ubatch ------------------------------------------------------------------------------
+    def _ubatch(self, tokens: np.ndarray, out_rows: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        n = tokens.size
+        positions = np.arange(self.n_past, self.n_past + n, dtype=np.int64)
+        cells = [cache.cells_for(positions) for cache in self.kv.caches]  # may raise before any change
+        for cache, c in zip(self.kv.caches, cells):
+            cache.apply(positions, c)
+        n_kv = tuple(cache.n_kv() for cache in self.kv.caches)
+        n_out = max(int(out_rows.size), 1)  # a graph always produces one row; unused when none asked
+        prep = self._prepared((n, n_out, n_kv))
+        t1 = time.perf_counter()
+        self._set_inputs(prep.ctx, tokens, positions, cells, out_rows if out_rows.size else np.array([n - 1]))
+        t2 = time.perf_counter()
+        prep.plan.run()  # type: ignore[attr-defined]
+        t3 = time.perf_counter()
+        lg = prep.logits
+        raw = self.backend.get(lg.buffer, lg.offset, lg.nbytes)  # type: ignore[arg-type]
+        logits = np.frombuffer(raw, dtype=np.float32).reshape(n_out, self.n_vocab)
+        t4 = time.perf_counter()
+        self.n_past += n
+        st = self.stats
+        st.build_s += t1 - t0
+        st.inputs_s += t2 - t1
+        st.compute_s += t3 - t2
+        st.read_s += t4 - t3
+        st.ubatches += 1
+        st.tokens += n
+        return logits[:out_rows.size] if out_rows.size else logits[:0]
+
+    def _prepared(self, key: tuple) -> _Prepared:
+        prep = self._graphs.get(key)
+        if prep is not None:
+            self._graphs.move_to_end(key)
+            return prep
+        while len(self._graphs) >= self.config.max_graphs:
+            _, old = self._graphs.popitem(last=False)
+            old.compute.free()
+        n, n_out, n_kv = key
+        ctx = GraphContext(self.model, self.kv, n, n_out, n_kv, flash_attn=self.config.flash_attn)
+        logits = self.model.build(ctx)
+        compute = ComputeBuffer(self.backend, ctx.graph)
+        try:
+            plan = self.backend.prepare(ctx.graph.nodes)
+        except Unsupported as exc:
+            compute.free()
+            raise EngineError(f"{Path(self.model.path).name}: cannot run on {self.backend.name}: {exc}") from None
+        prep = _Prepared(ctx, logits, compute, plan)
+        self._graphs[key] = prep
+        self.stats.graphs_built += 1
+        return prep
+
+    def _set_inputs(self, ctx: GraphContext, tokens: np.ndarray, positions: np.ndarray,
+                    cells: list[np.ndarray], out_rows: np.ndarray) -> None:
+        put = self._put
+        inp = ctx.inputs
+        put(inp["tokens"], tokens.astype(np.int32))
+        put(inp["pos"], positions.astype(np.int32))
+        put(inp["out_ids"], out_rows.astype(np.int32))
+        if "scale_rows" in inp:
+            put(inp["scale_rows"], np.full(tokens.size, ctx.tok_scale, dtype=np.float32))
+        cells_of = {id(cache): c for cache, c in zip(self.kv.caches, cells)}
+        for a in ctx.attn_inputs:
+            idx = cells_of[id(a.cache)].astype(np.int64)
+            put(a.k_idxs, idx)
+            put(a.v_idxs, idx)
+            mask = a.cache.kq_mask(a.n_kv, positions)
+            put(a.kq_mask, mask if ctx.flash_attn else mask.astype(np.float32))
+
+    def _put(self, t: Tensor, values: np.ndarray) -> None:
+        if t.buffer is None:  # an input no node reads (e.g. a cache without layers): not allocated
+            return
+        data = np.ascontiguousarray(values)
+        if data.nbytes != t.nbytes:
+            raise AssertionError(f"input {t.name!r}: {data.nbytes} bytes for a {t.nbytes}-byte tensor")
+        self.backend.set(t.buffer, t.offset, memoryview(data).cast("B"))  # type: ignore[arg-type]
+
+
+def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, n_ubatch: int = 512,
+         type_k: GGMLType = GGMLType.F16, type_v: GGMLType = GGMLType.F16,
+         flash_attn: bool = True) -> ModelRunner:
+    """Open a GGUF model, upload its weights to the device and return a ready ModelRunner.
+
+    Raises GGUFError/ModelError (one line) for files that cannot be used.
+    """
+    backend = make_backend(device) if isinstance(device, str) else device
+    with GGUFFile(path) as f:
+        cls = model_class(f.arch, f.path)
+        model = cls(f, backend)
+        metadata = f.metadata
+    config = RunnerConfig(n_ctx=n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
+    return ModelRunner(model, config, metadata)
