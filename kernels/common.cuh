@@ -36,7 +36,8 @@ typedef unsigned long long u64;
 #endif
 #endif
 
-#define HL_DEV static __device__ __forceinline__
+// Not `static`: unused helpers of the shared header must not warn in modules that skip them.
+#define HL_DEV __device__ __forceinline__
 
 // ---- bit casts and half/bfloat conversion (activations are f32; caches/weights may be f16/bf16) --------
 HL_DEV float bits_f32(u32 u) { return __uint_as_float(u); }

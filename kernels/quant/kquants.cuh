@@ -20,7 +20,7 @@ HL_DEV void scale_min_k4(const u8* q, int j, float* sc, float* m) {
 struct q2_K {
     static constexpr int QK = 256, BYTES = 84, ALIGN = 2;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 5) * BYTES;
         const int j = g & 31;
         const int h = j >> 4, s = (j >> 2) & 3, l0 = (j & 3) * 8;  // half, 2-bit shift index, offset in 32
@@ -35,7 +35,7 @@ struct q2_K {
 struct q3_K {
     static constexpr int QK = 256, BYTES = 110, ALIGN = 2;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 5) * BYTES;
         const int j = g & 31;
         const int h = j >> 4, s = (j >> 2) & 3, l0 = (j & 3) * 8;
@@ -58,7 +58,7 @@ struct q3_K {
 struct q4_K {
     static constexpr int QK = 256, BYTES = 144, ALIGN = 4;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 5) * BYTES;
         const int j = g & 31;
         const int p = j >> 3, hi = (j >> 2) & 1, l0 = (j & 3) * 8;  // 64-chunk, nibble, offset in 32
@@ -78,7 +78,7 @@ struct q4_K {
 struct q5_K {
     static constexpr int QK = 256, BYTES = 176, ALIGN = 4;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 5) * BYTES;
         const int j = g & 31;
         const int p = j >> 3, hi = (j >> 2) & 1, l0 = (j & 3) * 8;
@@ -100,7 +100,7 @@ struct q5_K {
 struct q6_K {
     static constexpr int QK = 256, BYTES = 210, ALIGN = 2;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 5) * BYTES;
         const int j = g & 31;
         const int h = j >> 4, q = (j >> 2) & 3, l0 = (j & 3) * 8;  // half, quarter, offset in 32
@@ -119,7 +119,7 @@ struct q6_K {
 struct iq4_xs {
     static constexpr int QK = 256, BYTES = 136, ALIGN = 2;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 5) * BYTES;
         const int j = g & 31;
         const int ib = j >> 2, c = j & 3;  // 32-element sub-block, group inside it

@@ -16,7 +16,7 @@ HL_DEV void nibbles8(const u8* qs, int c, int* q) {
 struct q4_0 {
     static constexpr int QK = 32, BYTES = 18, ALIGN = 2;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 2) * BYTES;
         const float d = ld_f16(b);
         int q[8];
@@ -29,7 +29,7 @@ struct q4_0 {
 struct q4_1 {
     static constexpr int QK = 32, BYTES = 20, ALIGN = 2;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 2) * BYTES;
         const float d = ld_f16(b), m = ld_f16(b + 2);
         int q[8];
@@ -42,7 +42,7 @@ struct q4_1 {
 struct q5_0 {
     static constexpr int QK = 32, BYTES = 22, ALIGN = 2;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 2) * BYTES;
         const float d = ld_f16(b);
         const u32 qh = ld_u32_a2(b + 2) >> (8 * (g & 3));
@@ -56,7 +56,7 @@ struct q5_0 {
 struct q5_1 {
     static constexpr int QK = 32, BYTES = 24, ALIGN = 2;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 2) * BYTES;
         const float d = ld_f16(b), m = ld_f16(b + 2);
         const u32 qh = ld_u32_a2(b + 4) >> (8 * (g & 3));
@@ -70,7 +70,7 @@ struct q5_1 {
 struct q8_0 {
     static constexpr int QK = 32, BYTES = 34, ALIGN = 2;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 2) * BYTES;
         const float d = ld_f16(b);
         const u8* qs = b + 2 + 8 * (g & 3);
@@ -93,7 +93,7 @@ HL_DEV int kvalue_iq4nl(int i) { return lut16_i8(0xf6eaddcfbfad9881ull, 0x715945
 struct iq4_nl {
     static constexpr int QK = 32, BYTES = 18, ALIGN = 2;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 2) * BYTES;
         const float d = ld_f16(b);
         int q[8];
@@ -109,7 +109,7 @@ HL_DEV int kvalue_fp4(int i) { return lut16_i8(0xc08060403020100ull, 0xf4f8fafcf
 struct mxfp4 {
     static constexpr int QK = 32, BYTES = 17, ALIGN = 1;
     static constexpr bool PLAIN = false;
-    HL_DEV void dequant8(const u8* row, int g, float* y, int) {
+    static HL_DEV void dequant8(const u8* row, int g, float* y, int) {
         const u8* b = row + (g >> 2) * BYTES;
         const int e = b[0];
         // 2^(e-128): a normal float for e >= 2, the denormals 2^-127 / 2^-128 for e = 1 / 0

@@ -29,6 +29,7 @@ struct Thread {
     bool done;
     unsigned wait_gen;   // generation of the barrier this thread waits on
     int wait_kind;       // 0 none, 1 block barrier, 2 warp barrier
+    unsigned shfl_seq;   // shuffles this thread has done (selects the slot bank, checks partners)
     char* stack;
 };
 
@@ -38,7 +39,8 @@ inline std::vector<Thread> threads;
 inline ucontext_t sched_ctx;
 inline unsigned block_gen = 0, block_arrived = 0;
 inline std::vector<unsigned> warp_gen, warp_arrived;
-inline std::vector<uint64_t> warp_slots;  // one 8-byte slot per thread for shuffles
+inline std::vector<uint64_t> warp_slots;  // two 8-byte slots per thread for shuffles
+inline std::vector<unsigned> warp_seqs;    // which shuffle wrote each slot
 inline const std::function<void()>* g_body = nullptr;
 inline char g_error[256] = {0};
 inline std::vector<char> dyn_smem_buf;
@@ -104,12 +106,16 @@ inline T shfl_xor(T v, int mask) {
     const int src = me - lane + (lane ^ mask);
     uint64_t bits = 0;
     memcpy(&bits, &v, sizeof(T));
+    // Two slot banks used alternately: a lane can only reuse a bank after passing the next shuffle's
+    // barrier, which every lane reaches only after reading this one, so one barrier per shuffle suffices.
+    const unsigned seq = ++cur->shfl_seq;
+    const int bank = seq & 1;
+    warp_slots[2 * me + bank] = bits;
+    warp_seqs[2 * me + bank] = seq;
     warp_barrier();
-    warp_slots[me] = bits;
-    warp_barrier();
-    if (src >= g_n || threads[src].done) fail("shuffle reads an exited or missing lane");
-    uint64_t got = warp_slots[src];
-    warp_barrier();
+    // the source lane must have taken part in this very shuffle (not exited before it)
+    if (src >= g_n || warp_seqs[2 * src + bank] != seq) fail("shuffle reads an exited or missing lane");
+    uint64_t got = warp_slots[2 * src + bank];
     T out;
     memcpy(&out, &got, sizeof(T));
     return out;
@@ -162,7 +168,8 @@ inline void run_block() {
     g_n = n;
     warp_gen.assign(nwarps, 0);
     warp_arrived.assign(nwarps, 0);
-    warp_slots.assign(n, 0);
+    warp_slots.assign(2 * n, 0);
+    warp_seqs.assign(2 * n, 0);
     block_gen = block_arrived = 0;
     for (int i = 0; i < n; i++) {
         Thread& t = threads[i];
@@ -171,6 +178,7 @@ inline void run_block() {
         t.warp = i / HL_WARP;
         t.done = false;
         t.wait_kind = 0;
+        t.shfl_seq = 0;
         getcontext(&t.ctx);
         t.ctx.uc_stack.ss_sp = t.stack;
         t.ctx.uc_stack.ss_size = kStack;
