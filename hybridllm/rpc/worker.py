@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,6 +76,11 @@ def _strided_rows(buf: Buffer, off: int, size: int, n: int, stride: int) -> np.n
     return np.lib.stride_tricks.as_strided(arr[off:], shape=(n, size), strides=(stride, 1))
 
 
+# Connections allocate and free from their own threads; backends count memory and hand out addresses with
+# plain read-modify-write, so every alloc/free/memory query goes through this lock.
+_ALLOC_LOCK = threading.Lock()
+
+
 class SessionError(Exception):
     """A request the worker refuses; the message is the one-line reason logged when it closes."""
 
@@ -100,8 +107,9 @@ class Session:
     def close(self) -> None:
         """Free everything this connection owned (the reference does the same on disconnect)."""
         self.graphs = [{} for _ in self.devices]
-        for buf in self.buffers.values():
-            buf.backend.free_buffer(buf)
+        with _ALLOC_LOCK:
+            for buf in self.buffers.values():
+                buf.backend.free_buffer(buf)
         self.buffers.clear()
 
     # --- lookups and validation --------------------------------------------------------------------------------
@@ -195,7 +203,9 @@ class Session:
         return P.GetMaxSizeRsp(min(self._device(req.device).max_size, U64))
 
     def _get_device_memory(self, req: P.GetDeviceMemoryReq) -> P.GetDeviceMemoryRsp:
-        free, total = self._device(req.device).memory()
+        dev = self._device(req.device)
+        with _ALLOC_LOCK:
+            free, total = dev.memory()
         return P.GetDeviceMemoryRsp(free, total)
 
     def _get_alloc_size(self, req: P.GetAllocSizeReq) -> P.GetAllocSizeRsp:
@@ -211,7 +221,8 @@ class Session:
     def _alloc_buffer(self, req: P.AllocBufferReq) -> P.AllocBufferRsp:
         dev = self._device(req.device)
         # never ask for more than the device has: a failed huge request must not disturb the backend
-        buf = dev.alloc_buffer(req.size) if req.size <= min(dev.memory()[1], dev.max_size) else None
+        with _ALLOC_LOCK:
+            buf = dev.alloc_buffer(req.size) if req.size <= min(dev.memory()[1], dev.max_size) else None
         if buf is None:
             log.info("ALLOC_BUFFER of %d bytes on device %d failed", req.size, req.device)
             return P.AllocBufferRsp(0, 0)  # an answer, not a close (§5.5)
@@ -230,7 +241,8 @@ class Session:
             for uid in cache:
                 cache[uid] = None
         del self.buffers[req.remote_ptr]
-        buf.backend.free_buffer(buf)
+        with _ALLOC_LOCK:
+            buf.backend.free_buffer(buf)
 
     def _buffer_clear(self, req: P.BufferClearReq) -> None:
         buf = self._buffer(req.remote_ptr)
@@ -330,21 +342,32 @@ class Session:
     # --- graphs ----------------------------------------------------------------------------------------------
     def _graph_compute(self, req: P.GraphComputeReq) -> None:
         dev = self._device(req.device)
+        t0 = time.perf_counter()
         nodes = self.build_graph(req)
+        t1 = time.perf_counter()
         plan = dev.prepare(nodes)
+        t2 = time.perf_counter()
         if req.uid:
             cache = self.graphs[req.device]
             if len(cache) >= P.GRAPH_CACHE_LIMIT:
                 cache.clear()  # the client clears its uid set at the same count (§6.4)
             cache[req.uid] = plan
         self._run(plan)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("GRAPH_COMPUTE dev %d uid %d: %d nodes, %d tensors; rebuild %.1f ms, prepare %.1f ms, "
+                      "run %.1f ms", req.device, req.uid, len(req.nodes), len(req.tensors), 1e3 * (t1 - t0),
+                      1e3 * (t2 - t1), 1e3 * (time.perf_counter() - t2))
 
     def _graph_recompute(self, req: P.GraphRecomputeReq) -> None:
         self._device(req.device)
         plan = self.graphs[req.device].get(req.uid)
         if plan is None:
             raise SessionError(f"graph with uid {req.uid} not found on device {req.device}")
+        t0 = time.perf_counter()
         self._run(plan)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("GRAPH_RECOMPUTE dev %d uid %d: run %.1f ms", req.device, req.uid,
+                      1e3 * (time.perf_counter() - t0))
 
     @staticmethod
     def _run(plan: Plan) -> None:
