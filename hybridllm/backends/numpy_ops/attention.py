@@ -25,7 +25,7 @@ from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, type_name
 from . import Kernel, register
 from .common import bf16_to_f32, f32_to_bf16, require, rows_view, view
-from .elementwise import f16_to_f32
+from .elementwise import f16_table, f16_to_f32, njit_in_place
 
 F32 = np.float32
 F64 = np.float64
@@ -232,139 +232,134 @@ def _mask_layout(mask: Tensor, shape: tuple[int, int, int, int], sk: int, hk: in
 
 # --- ggml's F16-accumulator row path, step by step (opt-in) ---------------------------------------------
 
+def _round_f16(buf: np.ndarray) -> None:  # numba
+    """Round float32 values in place to the nearest F16 (ties to even), as _mm256_cvtps_ph does."""
+    u = buf.view(np.uint32)
+    for d in range(u.size):
+        x = u[d]
+        sign = x & np.uint32(0x80000000)
+        a = x & np.uint32(0x7FFFFFFF)
+        if a > np.uint32(0x7F800000):
+            continue
+        if a >= np.uint32(0x477FF000):
+            u[d] = sign | np.uint32(0x7F800000)
+        elif a >= np.uint32(0x38800000):
+            u[d] = sign | ((a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000))
+        else:                                  # F16 subnormal range: multiples of 2^-24
+            q = abs(np.float64(buf[d])) * 16777216.0
+            f = math.floor(q)
+            r = q - f
+            if r > 0.5 or (r == 0.5 and f % 2.0 == 1.0):
+                f += 1.0
+            v = np.float32(f / 16777216.0)
+            buf[d] = -v if sign else v
+
+def _dot_f16(k: np.ndarray, q: np.ndarray, lut: np.ndarray, acc: np.ndarray) -> np.float32:  # numba
+    """ggml_vec_dot_f16 on AVX2: 4x8 float lanes, its reduction order, double leftovers."""
+    n = q.size
+    n32 = n & ~31
+    acc[:, :] = 0
+    for i in range(0, n32, 32):
+        for j in range(4):
+            for lane in range(8):
+                t = i + 8 * j + lane
+                acc[j, lane] = acc[j, lane] + lut[k[t]] * q[t]   # exact product: FMA == mul + add
+    for lane in range(8):
+        acc[0, lane] = (acc[0, lane] + acc[2, lane]) + (acc[1, lane] + acc[3, lane])
+    t0 = acc[0, 0] + acc[0, 4]
+    t1 = acc[0, 1] + acc[0, 5]
+    t2 = acc[0, 2] + acc[0, 6]
+    t3 = acc[0, 3] + acc[0, 7]
+    total = np.float64((t0 + t1) + (t2 + t3))
+    for t in range(n32, n):
+        total += np.float64(lut[k[t]] * q[t])
+    return np.float32(total)
+
+def _fa_f16_rows(q, kb, vb, lut, mask, slopes, sinks, scale, softcap, chunk, out):  # numba
+    """Every (seq, head, query) row: online softmax with the V accumulator rounded to F16 each step,
+    the KV range cut into chunks of `chunk` entries and merged as ggml's split-KV reduction does."""
+    S, H, NQ, D = q.shape
+    n_kv, DV = kb.shape[2], vb.shape[3]
+    rk3, rk2 = S // kb.shape[0], H // kb.shape[1]
+    rv3, rv2 = S // vb.shape[0], H // vb.shape[1]
+    m3, m2 = mask.shape[0], mask.shape[1]
+    n_chunks = (n_kv + chunk - 1) // chunk
+    acc = np.zeros((4, 8), np.float32)
+    vkq = np.zeros(DV, np.float32)
+    tmp = np.zeros(DV, np.float32)
+    fin = np.zeros(DV, np.float32)
+    for s in range(S):
+        for h in range(H):
+            slope = slopes[h]
+            for iq in range(NQ):
+                qrow = q[s, h, iq]
+                m_fin, s_fin = np.float32(-np.inf), np.float32(0)
+                fin[:] = 0
+                for c in range(n_chunks):
+                    m_run, s_run = np.float32(-np.inf), np.float32(0)
+                    vkq[:] = 0
+                    for ic in range(c * chunk, min(n_kv, (c + 1) * chunk)):
+                        mv = np.float32(0)
+                        if m3 > 0:
+                            mv = slope * mask[s % m3, h % m2, iq, ic]
+                            if mv == -np.inf:
+                                continue
+                        sc = _dot_f16(kb[s // rk3, h // rk2, ic], qrow, lut, acc) * scale
+                        if softcap != 0:
+                            sc = softcap * np.float32(math.tanh(sc))
+                        sc = sc + mv
+                        ms, vs = np.float32(1), np.float32(1)
+                        if sc > m_run:
+                            ms = np.float32(math.exp(m_run - sc))
+                            m_run = sc
+                            for d in range(DV):
+                                vkq[d] = vkq[d] * ms
+                            _round_f16(vkq)
+                        else:
+                            vs = np.float32(math.exp(sc - m_run))
+                        vrow = vb[s // rv3, h // rv2, ic]
+                        for d in range(DV):
+                            tmp[d] = np.float32(np.float64(lut[vrow[d]]) * vs + vkq[d])
+                        _round_f16(tmp)
+                        vkq[:] = tmp
+                        s_run = np.float32(np.float64(s_run) * ms + vs)
+                    if sinks.size and c == 0:
+                        sk = sinks[h]
+                        ms, vs = np.float32(1), np.float32(1)
+                        if sk > m_run:
+                            ms = np.float32(math.exp(m_run - sk))
+                            m_run = sk
+                            for d in range(DV):
+                                vkq[d] = vkq[d] * ms
+                        else:
+                            vs = np.float32(math.exp(sk - m_run))
+                        s_run = np.float32(np.float64(s_run) * ms + vs)
+                    if n_chunks == 1:
+                        inv = np.float32(0) if s_run == 0 else np.float32(1) / s_run
+                        for d in range(DV):
+                            out[s, h, iq, d] = vkq[d] * inv
+                        continue
+                    if s_run == 0:
+                        continue
+                    m_new = max(m_fin, m_run)
+                    so = np.float32(math.exp(m_fin - m_new))
+                    sn = np.float32(math.exp(m_run - m_new))
+                    for d in range(DV):
+                        fin[d] = np.float32(np.float64(fin[d]) * so + np.float32(vkq[d] * sn))
+                    s_fin = np.float32(np.float64(s_fin) * so + np.float32(s_run * sn))
+                    m_fin = m_new
+                if n_chunks > 1:
+                    inv = np.float32(1) / s_fin if s_fin != 0 else np.float32(1)
+                    for d in range(DV):
+                        out[s, h, iq, d] = fin[d] * inv
+
+
+
 @functools.cache
 def _f16_kernels() -> tuple[Callable[..., None], np.ndarray]:
-    """Compile (once) the numba kernel that replays ggml's flash-attention row path for F16 K/V."""
-    import numba
-
-    u32 = np.uint32
-
-    @numba.njit(cache=True)
-    def round_f16(buf: np.ndarray) -> None:      # pragma: no cover - compiled
-        """Round float32 values in place to the nearest F16 (ties to even), as _mm256_cvtps_ph does."""
-        u = buf.view(np.uint32)
-        for d in range(u.size):
-            x = u[d]
-            sign = x & u32(0x80000000)
-            a = x & u32(0x7FFFFFFF)
-            if a > u32(0x7F800000):
-                continue
-            if a >= u32(0x477FF000):
-                u[d] = sign | u32(0x7F800000)
-            elif a >= u32(0x38800000):
-                u[d] = sign | ((a + u32(0xFFF) + ((a >> u32(13)) & u32(1))) & u32(0xFFFFE000))
-            else:                                  # F16 subnormal range: multiples of 2^-24
-                q = abs(np.float64(buf[d])) * 16777216.0
-                f = math.floor(q)
-                r = q - f
-                if r > 0.5 or (r == 0.5 and f % 2.0 == 1.0):
-                    f += 1.0
-                v = np.float32(f / 16777216.0)
-                buf[d] = -v if sign else v
-
-    @numba.njit(cache=True)
-    def dot_f16(k: np.ndarray, q: np.ndarray, lut: np.ndarray, acc: np.ndarray) -> np.float32:  # pragma: no cover
-        """ggml_vec_dot_f16 on AVX2: 4x8 float lanes, its reduction order, double leftovers."""
-        n = q.size
-        n32 = n & ~31
-        acc[:, :] = 0
-        for i in range(0, n32, 32):
-            for j in range(4):
-                for lane in range(8):
-                    t = i + 8 * j + lane
-                    acc[j, lane] = acc[j, lane] + lut[k[t]] * q[t]   # exact product: FMA == mul + add
-        for lane in range(8):
-            acc[0, lane] = (acc[0, lane] + acc[2, lane]) + (acc[1, lane] + acc[3, lane])
-        t0 = acc[0, 0] + acc[0, 4]
-        t1 = acc[0, 1] + acc[0, 5]
-        t2 = acc[0, 2] + acc[0, 6]
-        t3 = acc[0, 3] + acc[0, 7]
-        total = np.float64((t0 + t1) + (t2 + t3))
-        for t in range(n32, n):
-            total += np.float64(lut[k[t]] * q[t])
-        return np.float32(total)
-
-    @numba.njit(cache=True)
-    def rows(q, kb, vb, lut, mask, slopes, sinks, scale, softcap, chunk, out):  # pragma: no cover
-        """Every (seq, head, query) row: online softmax with the V accumulator rounded to F16 each step,
-        the KV range cut into chunks of `chunk` entries and merged as ggml's split-KV reduction does."""
-        S, H, NQ, D = q.shape
-        n_kv, DV = kb.shape[2], vb.shape[3]
-        rk3, rk2 = S // kb.shape[0], H // kb.shape[1]
-        rv3, rv2 = S // vb.shape[0], H // vb.shape[1]
-        m3, m2 = mask.shape[0], mask.shape[1]
-        n_chunks = (n_kv + chunk - 1) // chunk
-        acc = np.zeros((4, 8), np.float32)
-        vkq = np.zeros(DV, np.float32)
-        tmp = np.zeros(DV, np.float32)
-        fin = np.zeros(DV, np.float32)
-        for s in range(S):
-            for h in range(H):
-                slope = slopes[h]
-                for iq in range(NQ):
-                    qrow = q[s, h, iq]
-                    m_fin, s_fin = np.float32(-np.inf), np.float32(0)
-                    fin[:] = 0
-                    for c in range(n_chunks):
-                        m_run, s_run = np.float32(-np.inf), np.float32(0)
-                        vkq[:] = 0
-                        for ic in range(c * chunk, min(n_kv, (c + 1) * chunk)):
-                            mv = np.float32(0)
-                            if m3 > 0:
-                                mv = slope * mask[s % m3, h % m2, iq, ic]
-                                if mv == -np.inf:
-                                    continue
-                            sc = dot_f16(kb[s // rk3, h // rk2, ic], qrow, lut, acc) * scale
-                            if softcap != 0:
-                                sc = softcap * np.float32(math.tanh(sc))
-                            sc = sc + mv
-                            ms, vs = np.float32(1), np.float32(1)
-                            if sc > m_run:
-                                ms = np.float32(math.exp(m_run - sc))
-                                m_run = sc
-                                for d in range(DV):
-                                    vkq[d] = vkq[d] * ms
-                                round_f16(vkq)
-                            else:
-                                vs = np.float32(math.exp(sc - m_run))
-                            vrow = vb[s // rv3, h // rv2, ic]
-                            for d in range(DV):
-                                tmp[d] = np.float32(np.float64(lut[vrow[d]]) * vs + vkq[d])
-                            round_f16(tmp)
-                            vkq[:] = tmp
-                            s_run = np.float32(np.float64(s_run) * ms + vs)
-                        if sinks.size and c == 0:
-                            sk = sinks[h]
-                            ms, vs = np.float32(1), np.float32(1)
-                            if sk > m_run:
-                                ms = np.float32(math.exp(m_run - sk))
-                                m_run = sk
-                                for d in range(DV):
-                                    vkq[d] = vkq[d] * ms
-                            else:
-                                vs = np.float32(math.exp(sk - m_run))
-                            s_run = np.float32(np.float64(s_run) * ms + vs)
-                        if n_chunks == 1:
-                            inv = np.float32(0) if s_run == 0 else np.float32(1) / s_run
-                            for d in range(DV):
-                                out[s, h, iq, d] = vkq[d] * inv
-                            continue
-                        if s_run == 0:
-                            continue
-                        m_new = max(m_fin, m_run)
-                        so = np.float32(math.exp(m_fin - m_new))
-                        sn = np.float32(math.exp(m_run - m_new))
-                        for d in range(DV):
-                            fin[d] = np.float32(np.float64(fin[d]) * so + np.float32(vkq[d] * sn))
-                        s_fin = np.float32(np.float64(s_fin) * so + np.float32(s_run * sn))
-                        m_fin = m_new
-                    if n_chunks > 1:
-                        inv = np.float32(1) / s_fin if s_fin != 0 else np.float32(1)
-                        for d in range(DV):
-                            out[s, h, iq, d] = fin[d] * inv
-
-    lut = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(F32)
-    return rows, lut
+    """The numba kernel that replays ggml's flash-attention row path for F16 K/V (compiled once)."""
+    njit_in_place(globals(), "_round_f16", "_dot_f16", "_fa_f16_rows")
+    return globals()["_fa_f16_rows"], f16_table()
 
 
 def f16_accumulator_kernel(node: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,

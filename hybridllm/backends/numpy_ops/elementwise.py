@@ -8,6 +8,7 @@ F16 tables (input rounded to F16, F16 result).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import numpy as np
@@ -25,19 +26,30 @@ F32 = np.float32
 
 # --- float I/O -------------------------------------------------------------------------------------
 
+def njit_in_place(namespace: dict, *names: str) -> None:
+    """numba-compile module-level functions, replacing them in their module, in order (a kernel may call
+    the ones named before it). cache=True keeps the machine code on disk, so later processes only load it.
+    Compiling lazily keeps numba's import and compile time out of processes that never run these ops."""
+    import numba
+    from numba.core.registry import CPUDispatcher
+    for name in names:
+        if not isinstance(namespace[name], CPUDispatcher):
+            namespace[name] = numba.njit(cache=True)(namespace[name])
+
+
+def _f16_convert(bits: np.ndarray, lut: np.ndarray, out: np.ndarray) -> None:  # numba
+    n3, n2, n1, n0 = bits.shape
+    for i3 in range(n3):
+        for i2 in range(n2):
+            for i1 in range(n1):
+                for i0 in range(n0):
+                    out[i3, i2, i1, i0] = lut[bits[i3, i2, i1, i0]]
+
+
 @functools.cache
 def _f16_converter() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
-    import numba
-
-    @numba.njit(cache=True)
-    def convert(bits: np.ndarray, lut: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
-        n3, n2, n1, n0 = bits.shape
-        for i3 in range(n3):
-            for i2 in range(n2):
-                for i1 in range(n1):
-                    for i0 in range(n0):
-                        out[i3, i2, i1, i0] = lut[bits[i3, i2, i1, i0]]
-    return convert
+    njit_in_place(globals(), "_f16_convert")
+    return globals()["_f16_convert"]
 
 
 @functools.cache
@@ -272,16 +284,14 @@ def gelu_via_table(x: np.ndarray, clamp: bool) -> np.ndarray:
     return y
 
 
+def _erf_scalar(x: float) -> float:  # numba
+    return math.erf(x)
+
+
 @functools.cache
 def _erf_ufunc() -> Callable[[np.ndarray], np.ndarray]:
-    import math
-
     import numba
-
-    @numba.vectorize(["float32(float32)"], cache=True)
-    def erf(x: float) -> float:  # pragma: no cover - compiled
-        return math.erf(x)
-    return erf
+    return numba.vectorize(["float32(float32)"], cache=True)(_erf_scalar)
 
 
 def gelu_erf(x: np.ndarray) -> np.ndarray:
@@ -410,46 +420,44 @@ def _glu_fn(node: Tensor, op: int, kind: GGMLType) -> Callable[[np.ndarray, np.n
     return fn
 
 
+def _geglu_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray, tab: np.ndarray) -> None:  # numba
+    """F32 GEGLU in one pass (gemma's FFN activation): table GELU by the input's F16 bits, ggml's clamps."""
+    cell = np.empty(1, np.float32)
+    bits = cell.view(np.uint32)
+    n3, n2, n1, n0 = a.shape
+    for i3 in range(n3):
+        for i2 in range(n2):
+            for i1 in range(n1):
+                for i0 in range(n0):
+                    x = a[i3, i2, i1, i0]
+                    g = b[i3, i2, i1, i0]
+                    if x <= -10.0:
+                        out[i3, i2, i1, i0] = 0.0
+                    elif x >= 10.0:
+                        out[i3, i2, i1, i0] = x * g
+                    else:            # F16 bits of x, round to nearest even (|x| < 10: no overflow)
+                        cell[0] = x
+                        u = bits[0]
+                        sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+                        m = u & np.uint32(0x7FFFFFFF)
+                        if m > np.uint32(0x7F800000):
+                            h = sign | np.uint32(0x7E00) | ((m >> np.uint32(13)) & np.uint32(0x3FF))
+                        elif m >= np.uint32(0x38800000):
+                            r = m - np.uint32(0x38000000)
+                            h = sign | ((r + np.uint32(0xFFF) + ((r >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
+                        else:
+                            q = abs(np.float64(x)) * 16777216.0
+                            f = np.floor(q)
+                            if q - f > 0.5 or (q - f == 0.5 and f % 2.0 == 1.0):
+                                f += 1.0
+                            h = sign | np.uint32(f)
+                        out[i3, i2, i1, i0] = tab[h] * g
+
+
 @functools.cache
 def _geglu_f32() -> Callable[..., None]:
-    """GEGLU for F32 rows in one numba pass (the hot FFN activation of gemma models)."""
-    import numba
-
-    u32 = np.uint32
-
-    @numba.njit(cache=True)
-    def geglu(a, b, out, tab):  # pragma: no cover - compiled
-        cell = np.empty(1, np.float32)
-        bits = cell.view(np.uint32)
-        n3, n2, n1, n0 = a.shape
-        for i3 in range(n3):
-            for i2 in range(n2):
-                for i1 in range(n1):
-                    for i0 in range(n0):
-                        x = a[i3, i2, i1, i0]
-                        g = b[i3, i2, i1, i0]
-                        if x <= -10.0:
-                            out[i3, i2, i1, i0] = 0.0
-                        elif x >= 10.0:
-                            out[i3, i2, i1, i0] = x * g
-                        else:            # F16 bits of x, round to nearest even (|x| < 10: no overflow)
-                            cell[0] = x
-                            u = bits[0]
-                            sign = (u >> u32(16)) & u32(0x8000)
-                            m = u & u32(0x7FFFFFFF)
-                            if m > u32(0x7F800000):
-                                h = sign | u32(0x7E00) | ((m >> u32(13)) & u32(0x3FF))
-                            elif m >= u32(0x38800000):
-                                r = m - u32(0x38000000)
-                                h = sign | ((r + u32(0xFFF) + ((r >> u32(13)) & u32(1))) >> u32(13))
-                            else:
-                                q = abs(np.float64(x)) * 16777216.0
-                                f = np.floor(q)
-                                if q - f > 0.5 or (q - f == 0.5 and f % 2.0 == 1.0):
-                                    f += 1.0
-                                h = sign | u32(f)
-                            out[i3, i2, i1, i0] = tab[h] * g
-    return geglu
+    njit_in_place(globals(), "_geglu_rows")
+    return globals()["_geglu_rows"]
 
 
 @register(GGMLOp.GLU)

@@ -17,7 +17,7 @@ from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, RopeMode
 from . import Kernel, register
 from .common import require, view
-from .elementwise import f32_source, f32_store
+from .elementwise import f32_source, f32_store, njit_in_place
 
 F32 = np.float32
 F64 = np.float64
@@ -152,27 +152,27 @@ class _Rope:
 _TABLES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
+def _rotate(x, y, cos, sin, first, step, partner):  # numba
+    """y[.., j] / y[.., j + partner] for j = first + k*step: the pair rotated by angle k of row i2, as
+    fma(x0, cos, -(x1*sin)) and fma(x0, sin, x1*cos) (ggml's build contracts these)."""
+    n3, n2, n1, _ = x.shape
+    n_pairs = cos.shape[1]
+    for a in range(n3):
+        for b in range(n2):
+            for c in range(n1):
+                for k in range(n_pairs):
+                    j0 = first + k * step
+                    x0 = x[a, b, c, j0]
+                    x1 = x[a, b, c, j0 + partner]
+                    cs, sn = cos[b, k], sin[b, k]
+                    y[a, b, c, j0] = np.float32(np.float64(x0) * cs - np.float64(np.float32(x1 * sn)))
+                    y[a, b, c, j0 + partner] = np.float32(np.float64(x0) * sn + np.float64(np.float32(x1 * cs)))
+
+
 @functools.cache
 def _rotator() -> Callable[..., None]:
-    import numba
-
-    @numba.njit(cache=True)
-    def rotate(x, y, cos, sin, first, step, partner):  # pragma: no cover - compiled
-        """y[.., j] / y[.., j + partner] for j = first + k*step: the pair rotated by angle k of row i2,
-        as fma(x0, cos, -(x1*sin)) and fma(x0, sin, x1*cos) (ggml's build contracts these)."""
-        n3, n2, n1, _ = x.shape
-        n_pairs = cos.shape[1]
-        for a in range(n3):
-            for b in range(n2):
-                for c in range(n1):
-                    for k in range(n_pairs):
-                        j0 = first + k * step
-                        x0 = x[a, b, c, j0]
-                        x1 = x[a, b, c, j0 + partner]
-                        cs, sn = cos[b, k], sin[b, k]
-                        y[a, b, c, j0] = np.float32(np.float64(x0) * cs - np.float64(np.float32(x1 * sn)))
-                        y[a, b, c, j0 + partner] = np.float32(np.float64(x0) * sn + np.float64(np.float32(x1 * cs)))
-    return rotate
+    njit_in_place(globals(), "_rotate")
+    return globals()["_rotate"]
 
 
 @register(GGMLOp.ROPE)
