@@ -43,8 +43,12 @@ class RpcClient:
         self._sendall(P.encode_request(msg))
 
     def _sendall(self, parts: P.Buffers) -> None:
+        if sum(len(p) for p in parts) <= 1 << 16:   # one segment for small frames
+            self.sock.sendall(b"".join(parts))
+            return
         for part in parts:
-            self.sock.sendall(part)
+            if len(part):
+                self.sock.sendall(part)
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
