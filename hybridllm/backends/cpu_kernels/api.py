@@ -1,0 +1,226 @@
+"""Entry point of the numba matmul for the op builders, and its threads.
+
+    mm = get_matmul(GGMLType.Q8_0, GGMLType.F32)     # None if no fast kernel for the pair
+    mm(abuf, nb01, M, K, goff, gcols, colb, colo, bbuf, boff, out)
+
+abuf/bbuf are uint8 buffers; goff (per group), boff (per activation row) byte offsets; out a float32
+buffer view with colo element offsets (kernels.py describes the work layout).
+
+Each weight type has one small cached jitted entry (`_q4_0`, ...) that binds the literal format, so a
+type costs one specialization (~1-3 s to compile once, then loaded from numba's cache). Threads are plain
+Python threads running those entries with the GIL released, pulling work items from a shared atomic
+counter; small products run on the calling thread alone, with no hand-off cost.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+from numba import njit
+
+from ...ggml.types import GGMLType
+from .actquant import convert_float, quantize_q8_0, quantize_q8_k
+from .kernels import f_drain, k_drain, q32_drain
+
+MatmulFn = Callable[..., None]
+
+# Arguments of every entry: counter, nitems, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, <activation
+# arrays>, out. The literal first argument of a drain selects the decoder at compile time.
+
+
+@njit(cache=True, nogil=True)
+def _q4_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    q32_drain(2, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _q4_1(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    q32_drain(3, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _q5_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    q32_drain(6, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _q5_1(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    q32_drain(7, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _q8_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    q32_drain(8, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _iq4_nl(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    q32_drain(20, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _mxfp4(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    q32_drain(39, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _q2_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(10, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _q3_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(11, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _q4_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(12, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _q5_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(13, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _q6_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(14, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _iq4_xs(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(23, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+
+
+@njit(cache=True, nogil=True)
+def _f32(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
+    f_drain(0, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
+
+
+@njit(cache=True, nogil=True)
+def _f16(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
+    f_drain(1, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
+
+
+@njit(cache=True, nogil=True)
+def _bf16(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
+    f_drain(30, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
+
+
+T = GGMLType
+_Q8_0_FAMILY = {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q8_0: _q8_0,
+                T.IQ4_NL: _iq4_nl, T.MXFP4: _mxfp4}
+_Q8_K_FAMILY = {T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
+                T.IQ4_XS: _iq4_xs}
+_FLOAT_FAMILY = {T.F32: _f32, T.F16: _f16, T.BF16: _bf16}
+# activation types each float weight type accepts (ggml: its vec_dot type, or F16/BF16 widened for F32)
+_FLOAT_B = {T.F32: (T.F32, T.F16, T.BF16), T.F16: (T.F32, T.F16), T.BF16: (T.F32, T.BF16)}
+FAST_TYPES = frozenset(_Q8_0_FAMILY) | frozenset(_Q8_K_FAMILY) | frozenset(_FLOAT_FAMILY)
+
+# --- threads -------------------------------------------------------------------------------------------
+
+_SERIAL_MACS = 1 << 21   # below ~2M multiply-adds (~0.1 ms) a thread hand-off costs more than it saves
+_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the matmul kernels use (the calling thread included)."""
+    global _threads, _pool
+    with _pool_lock:
+        _threads = max(1, int(n))
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+            _pool = None
+
+
+def get_num_threads() -> int:
+    return _threads
+
+
+def _run_items(entry: Callable[..., None], nitems: int, macs: int, args: tuple) -> None:
+    """Run work items 0..nitems-1 of `entry` on up to `_threads` threads."""
+    global _pool
+    counter = np.zeros(1, np.int64)
+    helpers = min(_threads, nitems) - 1 if macs >= _SERIAL_MACS else 0
+    if helpers <= 0:
+        entry(counter, nitems, *args)
+        return
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_threads - 1, thread_name_prefix="hybridllm-mm")
+        pool = _pool
+    futures = [pool.submit(entry, counter, nitems, *args) for _ in range(helpers)]
+    entry(counter, nitems, *args)
+    for f in futures:
+        f.result()
+
+
+_scratch = threading.local()
+
+
+def _scratch_array(name: str, dtype: type, n: int) -> np.ndarray:
+    """A reusable per-thread work array of at least n elements (grows, never shrinks)."""
+    arr = getattr(_scratch, name, None)
+    if arr is None or arr.size < n:
+        arr = np.empty(max(n, 1024), dtype)
+        setattr(_scratch, name, arr)
+    return arr[:n]
+
+
+def _layout(M: int, gcols: np.ndarray) -> tuple[int, int, int]:
+    """(nitems, row chunks per group, rows per chunk): chunks of >= 16 rows, ~8 items per thread."""
+    groups = gcols.shape[0] - 1
+    per_group = max(1, (8 * _threads + groups - 1) // groups)
+    rows = max(16, (M + per_group - 1) // per_group)
+    nch = (M + rows - 1) // rows
+    return groups * nch, nch, rows
+
+
+def get_matmul(atype: int, btype: int) -> MatmulFn | None:
+    """The fast matmul for weight type `atype` and activation storage type `btype`, or None."""
+    if atype in _Q8_0_FAMILY or atype in _Q8_K_FAMILY:
+        return _quant_matmul(atype) if btype == T.F32 else None
+    if atype in _FLOAT_FAMILY and btype in _FLOAT_B[atype]:
+        return _float_matmul(atype, btype)
+    return None
+
+
+def _quant_matmul(atype: int) -> MatmulFn:
+    k_family = atype in _Q8_K_FAMILY
+    entry = _Q8_K_FAMILY[atype] if k_family else _Q8_0_FAMILY[atype]
+    qk = 256 if k_family else 32
+
+    def run(abuf: np.ndarray, nb01: int, M: int, K: int, goff: np.ndarray, gcols: np.ndarray,
+            colb: np.ndarray, colo: np.ndarray, bbuf: np.ndarray, boff: np.ndarray, out: np.ndarray) -> None:
+        C, nblk = boff.shape[0], K // qk
+        bq = _scratch_array("bq", np.int16, C * K)
+        bd = _scratch_array("bd", np.float32, C * nblk).reshape(C, nblk)
+        if k_family:
+            extra = _scratch_array("bsum", np.int32, C * K // 16).reshape(C, K // 16)
+            quantize_q8_k(bbuf, boff, K, bq, bd, extra)
+        else:
+            extra = _scratch_array("bs", np.float32, C * nblk).reshape(C, nblk)
+            quantize_q8_0(bbuf, boff, K, bq, bd, extra)
+        nitems, nch, rows = _layout(M, gcols)
+        _run_items(entry, nitems, M * K * colb.shape[0],
+                   (nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bq, bd, extra, out))
+    return run
+
+
+def _float_matmul(atype: int, btype: int) -> MatmulFn:
+    entry = _FLOAT_FAMILY[atype]
+
+    def run(abuf: np.ndarray, nb01: int, M: int, K: int, goff: np.ndarray, gcols: np.ndarray,
+            colb: np.ndarray, colo: np.ndarray, bbuf: np.ndarray, boff: np.ndarray, out: np.ndarray) -> None:
+        bf = _scratch_array("bf", np.float32, boff.shape[0] * K)
+        convert_float(int(atype), int(btype), bbuf, boff, K, bf)
+        nitems, nch, rows = _layout(M, gcols)
+        _run_items(entry, nitems, M * K * colb.shape[0],
+                   (nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bf, out))
+    return run

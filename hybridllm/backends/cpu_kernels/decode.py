@@ -1,0 +1,207 @@
+"""Block decoders for the matmul kernels: ggml weight blocks -> I16x32 integer vectors.
+
+`fmt` is always a compile-time literal GGMLType id, so each kernel specialization contains only its
+format's code. Decoded values are the integers ggml's vec_dot multiplies with the int8 activations
+(e.g. q-8 for Q4_0, kvalues for IQ4_NL), so kernels reproduce ggml's integer sums exactly; the float
+scales are applied by the kernels. Layouts: /work/shared/spec/quant-formats.md.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from ...ggml.types import GGMLType
+from .simd import (F32x16, I16x32, _F32, _HALF, _I8, _I16, _I32, _I64, _llvm_type, bits_to_bytes,
+                   byte_ptr, fp16_bits_to_f32, load_bytes, load_scalar, lookup16, nibbles, scale_halves,
+                   splat, vty)
+
+KVALUES_IQ4NL = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+KVALUES_FP4 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]
+
+Q32_FORMATS = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+               GGMLType.IQ4_NL, GGMLType.MXFP4)
+K_FORMATS = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_XS)
+F_FORMATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+
+
+def _literal(fmt: Any, allowed: tuple[int, ...]) -> int | None:
+    if isinstance(fmt, types.IntegerLiteral) and fmt.literal_value in allowed:
+        return int(fmt.literal_value)
+    return None
+
+
+def _i64(context: Any, builder: ir.IRBuilder, v: ir.Value, ty: Any) -> ir.Value:
+    return context.cast(builder, v, ty, types.int64)
+
+
+def _add(builder: ir.IRBuilder, off: ir.Value, k: int) -> ir.Value:
+    return builder.add(off, ir.Constant(_I64, k))
+
+
+def _u8(builder: ir.IRBuilder, v: int) -> ir.Value:
+    return splat(builder, ir.Constant(_I8, v), 32)
+
+
+@intrinsic
+def dec_q32(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
+    """The 32 integer values of the 32-element block at byte `off` (element order)."""
+    f = _literal(fmt, Q32_FORMATS)
+    if f is None or not isinstance(off, types.Integer):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        aty, a = sig.args[1], args[1]
+        o = _i64(context, builder, args[2], sig.args[2])
+        w = vty(_I16, 32)
+        if f == GGMLType.Q8_0:
+            return builder.sext(load_bytes(context, builder, aty, a, _add(builder, o, 2), 32), w)
+        if f in (GGMLType.IQ4_NL, GGMLType.MXFP4):
+            skip, table = (2, KVALUES_IQ4NL) if f == GGMLType.IQ4_NL else (1, KVALUES_FP4)
+            idx = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, skip), 16))
+            return builder.sext(lookup16(builder, idx, table), w)
+        qs_at = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q5_0: 6, GGMLType.Q5_1: 8}[f]
+        q = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, qs_at), 16))
+        if f in (GGMLType.Q5_0, GGMLType.Q5_1):
+            qh = load_scalar(context, builder, aty, a, _add(builder, o, qs_at - 4), _I32)
+            q = builder.or_(q, bits_to_bytes(builder, qh, 16))
+        q = builder.zext(q, w)
+        bias = {GGMLType.Q4_0: 8, GGMLType.Q5_0: 16}.get(f, 0)
+        return builder.sub(q, splat(builder, ir.Constant(_I16, bias), 32)) if bias else q
+    return I16x32(fmt, buf, off), codegen
+
+
+@intrinsic
+def dec_k(typingctx: Any, fmt: Any, buf: Any, off: Any, j: Any, s0: Any, s1: Any) -> Any:
+    """Chunk j (elements 32j..32j+31) of the 256-element super-block at byte `off`, each value times
+    its sub-block's integer scale: s0 for the first 16 elements, s1 for the last 16."""
+    f = _literal(fmt, K_FORMATS)
+    if f is None or not all(isinstance(t, types.Integer) for t in (off, j, s0, s1)):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        aty, a = sig.args[1], args[1]
+        o = _i64(context, builder, args[2], sig.args[2])
+        jj = _i64(context, builder, args[3], sig.args[3])
+        s0 = context.cast(builder, args[4], sig.args[4], types.int32)
+        s1 = context.cast(builder, args[5], sig.args[5], types.int32)
+        q = _k_chunk(f, context, builder, aty, a, o, jj)
+        return scale_halves(builder, q, s0, s1)
+    return I16x32(fmt, buf, off, j, s0, s1), codegen
+
+
+def _shr_const(builder: ir.IRBuilder, v: ir.Value, amount: ir.Value) -> ir.Value:
+    """<32 x i8> v >> amount (logical; `amount` an i64 scalar)."""
+    return builder.lshr(v, splat(builder, builder.trunc(amount, _I8), 32))
+
+
+def _k_chunk(f: int, context: Any, builder: ir.IRBuilder, aty: Any, a: ir.Value, o: ir.Value,
+             j: ir.Value) -> ir.Value:
+    """Unscaled integer values of chunk j as <32 x i16>."""
+    w = vty(_I16, 32)
+    one, two, three = (ir.Constant(_I64, k) for k in (1, 2, 3))
+    load32 = lambda at: load_bytes(context, builder, aty, a, at, 32)  # noqa: E731
+    if f in (GGMLType.Q4_K, GGMLType.Q5_K):
+        base = 16 if f == GGMLType.Q4_K else 48
+        pair = builder.lshr(j, one)
+        qs = load32(builder.add(_add(builder, o, base), builder.mul(pair, ir.Constant(_I64, 32))))
+        q = builder.and_(_shr_const(builder, qs, builder.mul(builder.and_(j, one), ir.Constant(_I64, 4))),
+                         _u8(builder, 15))
+        if f == GGMLType.Q5_K:
+            hb = builder.and_(_shr_const(builder, load32(_add(builder, o, 16)), j), _u8(builder, 1))
+            q = builder.or_(q, builder.shl(hb, _u8(builder, 4)))
+        return builder.zext(q, w)
+    if f == GGMLType.IQ4_XS:
+        at = builder.add(_add(builder, o, 8), builder.mul(j, ir.Constant(_I64, 16)))
+        idx = nibbles(builder, load_bytes(context, builder, aty, a, at, 16))
+        return builder.sext(lookup16(builder, idx, KVALUES_IQ4NL), w)
+    half, sub = builder.lshr(j, two), builder.and_(j, three)
+    if f == GGMLType.Q6_K:
+        ql_at = builder.add(builder.add(o, builder.mul(half, ir.Constant(_I64, 64))),
+                            builder.mul(builder.and_(sub, one), ir.Constant(_I64, 32)))
+        lo4 = builder.and_(_shr_const(builder, load32(ql_at), builder.mul(builder.lshr(sub, one),
+                                                                          ir.Constant(_I64, 4))), _u8(builder, 15))
+        qh_at = builder.add(_add(builder, o, 128), builder.mul(half, ir.Constant(_I64, 32)))
+        hi2 = builder.and_(_shr_const(builder, load32(qh_at), builder.mul(sub, two)), _u8(builder, 3))
+        q = builder.zext(builder.or_(lo4, builder.shl(hi2, _u8(builder, 4))), w)
+        return builder.sub(q, splat(builder, ir.Constant(_I16, 32), 32))
+    qs_base = 32 if f == GGMLType.Q3_K else 16
+    qs_at = builder.add(_add(builder, o, qs_base), builder.mul(half, ir.Constant(_I64, 32)))
+    q2 = builder.and_(_shr_const(builder, load32(qs_at), builder.mul(sub, two)), _u8(builder, 3))
+    if f == GGMLType.Q2_K:
+        return builder.zext(q2, w)
+    # Q3_K: a clear hmask bit subtracts 4
+    hb = builder.and_(_shr_const(builder, load32(o), builder.add(builder.mul(half, ir.Constant(_I64, 4)), sub)),
+                      _u8(builder, 1))
+    q = builder.sub(builder.or_(q2, builder.shl(hb, _u8(builder, 2))), _u8(builder, 4))
+    return builder.sext(q, w)
+
+
+@intrinsic
+def load_f16x(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
+    """16 consecutive F32/F16/BF16 elements at byte `off` as F32x16 (exact conversion)."""
+    f = _literal(fmt, F_FORMATS)
+    if f is None or not isinstance(off, types.Integer):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        aty, a = sig.args[1], args[1]
+        o = _i64(context, builder, args[2], sig.args[2])
+        ft = _llvm_type(F32x16)
+        if f == GGMLType.F32:
+            return builder.load(byte_ptr(context, builder, aty, a, o, ft), align=1)
+        if f == GGMLType.F16:
+            return builder.fpext(builder.load(byte_ptr(context, builder, aty, a, o, vty(_HALF, 16)), align=1), ft)
+        bits = builder.load(byte_ptr(context, builder, aty, a, o, vty(_I16, 16)), align=1)
+        wide = builder.shl(builder.zext(bits, vty(_I32, 16)), splat(builder, ir.Constant(_I32, 16), 16))
+        return builder.bitcast(wide, ft)
+    return F32x16(fmt, buf, off), codegen
+
+
+@intrinsic
+def load_f(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
+    """One F32/F16/BF16 element at byte `off` as float32 (exact)."""
+    f = _literal(fmt, F_FORMATS)
+    if f is None or not isinstance(off, types.Integer):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        aty, a = sig.args[1], args[1]
+        o = _i64(context, builder, args[2], sig.args[2])
+        if f == GGMLType.F32:
+            return load_scalar(context, builder, aty, a, o, _F32)
+        bits = load_scalar(context, builder, aty, a, o, _I16)
+        if f == GGMLType.F16:
+            return fp16_bits_to_f32(builder, bits)
+        return builder.bitcast(builder.shl(builder.zext(bits, _I32), ir.Constant(_I32, 16)), _F32)
+    return types.float32(fmt, buf, off), codegen
+
+
+@intrinsic
+def u32_at(typingctx: Any, buf: Any, off: Any) -> Any:
+    if not isinstance(off, types.Integer):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        o = _i64(context, builder, args[1], sig.args[1])
+        return builder.zext(load_scalar(context, builder, sig.args[0], args[0], o, _I32), _I64)
+    return types.int64(buf, off), codegen
+
+
+@intrinsic
+def e8m0_half_at(typingctx: Any, buf: Any, off: Any) -> Any:
+    """The E8M0 byte at `off` as float 2**(e-128): half the E8M0 value, matching the doubled FP4
+    table; e < 2 gives the denormals 2**-128 and 2**-127."""
+    if not isinstance(off, types.Integer):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        o = _i64(context, builder, args[1], sig.args[1])
+        e = builder.zext(load_scalar(context, builder, sig.args[0], args[0], o, _I8), _I32)
+        denormal = builder.shl(ir.Constant(_I32, 0x00200000), e)
+        normal = builder.shl(builder.sub(e, ir.Constant(_I32, 1)), ir.Constant(_I32, 23))
+        small = builder.icmp_unsigned("<", e, ir.Constant(_I32, 2))
+        return builder.bitcast(builder.select(small, denormal, normal), _F32)
+    return types.float32(buf, off), codegen
