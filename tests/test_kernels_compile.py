@@ -91,3 +91,50 @@ def test_every_weight_type_has_every_kernel():
         for k in ("mul_mat_vec", "mul_mat_vec8", "mul_mat_tile", "mul_mat_id_vec"):
             assert f"{k}_{name}" in pre["matmul"], f"{k}_{name} missing"
         assert f"get_rows_{name}" in pre["rows"], f"get_rows_{name} missing"
+
+
+# ---- host-side loader logic (no compiler needed) ----------------------------------------------------
+
+def test_read_source_inlines_every_header_once():
+    from hybridllm.backends.kernel_loader import read_source
+
+    src = read_source("matmul")
+    assert '#include "' not in src and "#pragma once" not in src
+    assert src.count("typedef unsigned char u8;") == 1  # common.cuh, reached through several headers
+    assert src.count("struct q4_K {") == 1
+
+
+def test_missing_include_and_module_are_errors(tmp_path, monkeypatch):
+    from hybridllm.backends.kernel_loader import KernelError, kernel_dir
+
+    (tmp_path / "common.cuh").write_text("// empty\n")
+    (tmp_path / "bad.cu").write_text('#include "nowhere.cuh"\n')
+    monkeypatch.setenv("HYBRIDLLM_KERNEL_DIR", str(tmp_path))
+    assert kernel_dir() == tmp_path
+    with pytest.raises(KernelError, match="nowhere.cuh"):
+        read_source("bad")
+    with pytest.raises(KernelError, match="no kernel module 'absent'"):
+        read_source("absent")
+
+
+def test_compiled_binaries_are_cached_on_disk(tmp_path, monkeypatch):
+    from hybridllm.backends.kernel_loader import cache_dir, cache_key, cached_binary
+
+    monkeypatch.setenv("HYBRIDLLM_CACHE_DIR", str(tmp_path))
+    assert cache_dir() == tmp_path / "kernels"
+    calls = []
+
+    def build() -> bytes:
+        calls.append(1)
+        return b"\x7fELF-cubin"
+
+    key = cache_key("source", ("-DHL_WARP=32",), "90", "nvrtc(13, 0)")
+    p1 = cached_binary(key, ".cubin", build)
+    p2 = cached_binary(key, ".cubin", build)  # a second start: no compile
+    assert p1 == p2 and p1.read_bytes() == b"\x7fELF-cubin" and len(calls) == 1
+    assert not list((tmp_path / "kernels").glob("*.part"))
+    others = {cache_key("source", ("-DHL_WARP=64",), "90", "nvrtc(13, 0)"),
+              cache_key("source", ("-DHL_WARP=32",), "89", "nvrtc(13, 0)"),
+              cache_key("source", ("-DHL_WARP=32",), "90", "nvrtc(13, 1)"),
+              cache_key("source2", ("-DHL_WARP=32",), "90", "nvrtc(13, 0)")}
+    assert key not in others and len(others) == 4

@@ -103,7 +103,8 @@ def cached_binary(key: str, suffix: str, build: Callable[[], bytes]) -> Path:
 
 
 class CupyKernels:
-    """Compiled modules of one CuPy device, loaded once per process; `function(module, name)`."""
+    """Compiled modules of one CuPy device, loaded once per process; `function(module, name)` returns a
+    `cupy.cuda.function.Function`, callable as fn(grid, block, args, shared_mem=0, stream=None)."""
 
     def __init__(self, warp: int) -> None:
         import cupy  # noqa: F401  (fail early with ImportError when CuPy is absent)
@@ -130,18 +131,31 @@ class CupyKernels:
 
     def _load(self, module: str) -> Any:
         import cupy
+        from cupy.cuda import function
 
         source = read_source(module)
         opts = self.options()
         target, toolchain, suffix = _cupy_target()
         key = cache_key(source, opts, target, toolchain)
         try:
-            path = cached_binary(key, suffix, lambda: _compile_cupy(source, opts, target, module))
+            path = cached_binary(key, suffix, lambda: _compile(source, opts, target, module))
         except KernelError:
             raise
-        except Exception:  # an older/newer CuPy without this compile entry point: let CuPy compile/cache
-            return cupy.RawModule(code=source, options=opts)
-        return cupy.RawModule(path=str(path))
+        except Exception:  # a CuPy without these entry points: let CuPy compile and cache it
+            return _RawModuleFunctions(cupy.RawModule(code=source, options=opts))
+        mod = function.Module()
+        mod.load_file(str(path))
+        return mod
+
+
+class _RawModuleFunctions:
+    """Adapts cupy.RawModule so that get_function gives the stream-taking Function, like Module."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def get_function(self, name: str) -> Any:
+        return self.raw.get_function(name).kernel
 
 
 def _cupy_target() -> tuple[str, str, str]:
@@ -160,13 +174,27 @@ def _cupy_target() -> tuple[str, str, str]:
     return str(dev.compute_capability), f"nvrtc{nvrtc.getVersion()}-cupy{cupy.__version__}", ".cubin"
 
 
-def _compile_cupy(source: str, options: tuple[str, ...], target: str, module: str) -> bytes:
-    from cupy.cuda import compiler
+def _compile(source: str, options: tuple[str, ...], target: str, module: str) -> bytes:
+    """Source -> device binary. CUDA: NVRTC straight to a cubin for this GPU; HIP: CuPy's hipRTC path."""
+    from cupy.cuda import runtime
 
-    arch = target if target.isdigit() else None  # HIP: hipRTC picks the device's own target
+    if runtime.is_hip:
+        from cupy.cuda import compiler
+
+        try:
+            out = compiler.compile_using_nvrtc(source, options, None, f"{module}.cu")
+        except compiler.CompileException as exc:
+            raise KernelError(f"compiling kernels/{module}.cu failed:\n{exc.get_message()}") from exc
+        binary = out[0] if isinstance(out, tuple) else out
+        return binary.encode() if isinstance(binary, str) else bytes(binary)
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(source, f"{module}.cu", [], [])
     try:
-        out = compiler.compile_using_nvrtc(source, options, arch, f"{module}.cu")
-    except compiler.CompileException as exc:
-        raise KernelError(f"compiling kernels/{module}.cu failed:\n{exc.get_message()}") from exc
-    binary = out[0] if isinstance(out, tuple) else out
-    return binary.encode() if isinstance(binary, str) else bytes(binary)
+        try:
+            nvrtc.compileProgram(prog, (*options, f"-arch=sm_{target}"))
+        except nvrtc.NVRTCError as exc:
+            raise KernelError(f"compiling kernels/{module}.cu failed: {exc}\n{nvrtc.getProgramLog(prog)}") from exc
+        return bytes(nvrtc.getCUBIN(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
