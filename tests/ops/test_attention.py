@@ -115,3 +115,14 @@ def test_flash_attn_ext_f16_accumulator_bitexact(g, rng, monkeypatch, n_q, n_kv,
     o2 = g.flash_attn_ext(q, k, v, m, 0.125, 3.0, softcap)
     g.flash_attn_ext_add_sinks(o2, g.new(T.F32, (H,), rng.standard_normal(H)))
     g.run(o1, o2).assert_close(rtol=0, atol=0)
+
+
+def test_flash_attn_ext_f16_accumulator_split_kv_threads(g, rng, monkeypatch):
+    """ggml splits a single query's KV range over its threads; the replay merges chunks the same way."""
+    from hybridllm.backends.numpy_ops import attention
+    monkeypatch.setattr(attention, "GGML_F16_ACCUMULATOR", True)
+    monkeypatch.setattr(attention, "GGML_THREADS", 2)
+    q, k, v, m = _fa_inputs(g, rng, 64, 64, 1, 600, 4, 1, 1, T.F16)
+    out = g.flash_attn_ext(q, k, v, m, 0.125, 0.0, 0.0)
+    g.flash_attn_ext_add_sinks(out, g.new(T.F32, (4,), rng.standard_normal(4)))
+    g.run(out, n_threads=2).assert_close(rtol=0, atol=0)

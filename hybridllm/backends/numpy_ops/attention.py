@@ -81,7 +81,7 @@ def build_soft_max(node: Tensor) -> Kernel:
     sink_v = None
     if sinks is not None:
         require(sinks.type == GGMLType.F32 and sinks.nelements >= ne02, node, "sinks must be f32, one per head")
-        sink_v = view(sinks).reshape(-1)[:ne02]
+        sink_v = view(sinks)[0, 0, 0, :ne02]
 
     def kernel() -> None:
         with np.errstate(invalid="ignore", over="ignore"):
@@ -149,8 +149,8 @@ def _per_head(x: np.ndarray, hx: int) -> np.ndarray:
     return x.reshape(1, 1, hx, 1, x.size // hx, 1)
 
 
-@register(GGMLOp.FLASH_ATTN_EXT)
-def build_flash_attn_ext(node: Tensor) -> Kernel:
+def _fa_operands(node: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """FLASH_ATTN_EXT's (q, k, v, mask, sinks), checked."""
     q, k, v, mask, sinks = (node.src_at(i) for i in range(5))
     require(q is not None and k is not None and v is not None, node, "needs q, k and v")
     assert q is not None and k is not None and v is not None
@@ -159,13 +159,26 @@ def build_flash_attn_ext(node: Tensor) -> Kernel:
     require(q.type == GGMLType.F32 and node.type == GGMLType.F32, node, "q and the result must be f32")
     require(k.ne[0] == D and v.ne[1] == n_kv, node, f"shapes q {q.ne}, k {k.ne}, v {v.ne} do not match")
     require(k.ne[2:] == v.ne[2:], node, f"k {k.ne} and v {v.ne} need the same heads and sequences")
-    hk, sk = k.ne[2], k.ne[3]
-    require(hk > 0 and sk > 0 and H % hk == 0 and S % sk == 0, node,
+    require(k.ne[2] > 0 and k.ne[3] > 0 and H % k.ne[2] == 0 and S % k.ne[3] == 0, node,
             "q heads/sequences are not a multiple of k/v's")
     require(node.ne == (Dv, H, n_q, S), node, f"result shape {node.ne} should be {(Dv, H, n_q, S)}")
     for t in (k, v):
         require(t.type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) or t.is_quantized, node,
                 f"{type_name(t.type)} k/v is not supported")
+    if mask is not None:
+        require(mask.type == GGMLType.F16 and mask.ne[0] == n_kv and mask.ne[1] >= n_q and H % mask.ne[2] == 0
+                and S % mask.ne[3] == 0, node, f"mask {mask.ne} ({type_name(mask.type)}) does not fit")
+    if sinks is not None:
+        require(sinks.type == GGMLType.F32 and sinks.nelements >= H, node, "sinks must be f32, one per head")
+    return q, k, v, mask, sinks
+
+
+@register(GGMLOp.FLASH_ATTN_EXT)
+def build_flash_attn_ext(node: Tensor) -> Kernel:
+    q, k, v, mask, sinks = _fa_operands(node)
+    D, n_q, H, S = q.ne
+    Dv, n_kv = v.ne[0], k.ne[1]
+    hk, sk = k.ne[2], k.ne[3]
     scale, max_bias, softcap = F32(node.param_f32(0)), float(node.param_f32(1)), F32(node.param_f32(2))
     if softcap != 0:
         scale = F32(scale / softcap)
@@ -177,15 +190,8 @@ def build_flash_attn_ext(node: Tensor) -> Kernel:
     read_q, round_q = view(q), _q_rounder(k, tiled)
     read_k, read_v = _kv_reader(k), _kv_reader(v)
     slopes = _per_head(alibi_slopes(H, max_bias), hk)
-    read_mask = None
-    if mask is not None:
-        require(mask.type == GGMLType.F16 and mask.ne[0] == n_kv and mask.ne[1] >= n_q and H % mask.ne[2] == 0
-                and S % mask.ne[3] == 0, node, f"mask {mask.ne} ({type_name(mask.type)}) does not fit")
-        read_mask = _mask_layout(mask, (S, H, n_q, n_kv), sk, hk)
-    sink_v = None
-    if sinks is not None:
-        require(sinks.type == GGMLType.F32 and sinks.nelements >= H, node, "sinks must be f32, one per head")
-        sink_v = _per_head(view(sinks).reshape(-1)[:H], hk)
+    read_mask = _mask_layout(mask, (S, H, n_q, n_kv), sk, hk) if mask is not None else None
+    sink_v = _per_head(view(sinks)[0, 0, 0, :H], hk) if sinks is not None else None
     # (S, H, n_q, Dv) over dst (S, n_q, H, Dv), split by kv head: (sk, r3, hk, r2, n_q, Dv)
     out = _split_heads(view(node).transpose(0, 2, 1, 3), sk, hk)
 
@@ -275,90 +281,95 @@ def _dot_f16(k: np.ndarray, q: np.ndarray, lut: np.ndarray, acc: np.ndarray) -> 
         total += np.float64(lut[k[t]] * q[t])
     return np.float32(total)
 
+def _fa_f16_chunk(qrow, krows, vrows, lut, mrow, slope, scale, softcap, lo, hi, vkq, tmp, acc):  # numba
+    """ggml's one_chunk loop over KV entries lo..hi of one query row; returns (max, sum), leaves the F16
+    accumulator in vkq."""
+    m_run, s_run = np.float32(-np.inf), np.float32(0)
+    vkq[:] = 0
+    for ic in range(lo, hi):
+        mv = np.float32(0)
+        if mrow.size:
+            mv = slope * mrow[ic]
+            if mv == -np.inf:
+                continue
+        sc = _dot_f16(krows[ic], qrow, lut, acc) * scale
+        if softcap != 0:
+            sc = softcap * np.float32(math.tanh(sc))
+        sc = sc + mv
+        ms, vs = np.float32(1), np.float32(1)
+        if sc > m_run:
+            ms = np.float32(math.exp(m_run - sc))
+            m_run = sc
+            for d in range(vkq.size):
+                vkq[d] = vkq[d] * ms
+            _round_f16(vkq)
+        else:
+            vs = np.float32(math.exp(sc - m_run))
+        vrow = vrows[ic]
+        for d in range(vkq.size):
+            tmp[d] = np.float32(np.float64(lut[vrow[d]]) * vs + vkq[d])
+        _round_f16(tmp)
+        vkq[:] = tmp
+        s_run = np.float32(np.float64(s_run) * ms + vs)
+    return m_run, s_run
+
+
+def _fa_add_sink(sink, m_run, s_run, vkq):  # numba
+    ms, vs = np.float32(1), np.float32(1)
+    if sink > m_run:
+        ms = np.float32(math.exp(m_run - sink))
+        m_run = sink
+        for d in range(vkq.size):
+            vkq[d] = vkq[d] * ms
+    else:
+        vs = np.float32(math.exp(sink - m_run))
+    return m_run, np.float32(np.float64(s_run) * ms + vs)
+
+
 def _fa_f16_rows(q, kb, vb, lut, mask, slopes, sinks, scale, softcap, chunk, out):  # numba
-    """Every (seq, head, query) row: online softmax with the V accumulator rounded to F16 each step,
-    the KV range cut into chunks of `chunk` entries and merged as ggml's split-KV reduction does."""
-    S, H, NQ, D = q.shape
+    """Every (seq, head, query) row: online softmax with the V accumulator rounded to F16 each step, the
+    KV range cut into chunks of `chunk` entries merged as ggml's split-KV reduction does."""
+    S, H, NQ, _ = q.shape
     n_kv, DV = kb.shape[2], vb.shape[3]
-    rk3, rk2 = S // kb.shape[0], H // kb.shape[1]
-    rv3, rv2 = S // vb.shape[0], H // vb.shape[1]
     m3, m2 = mask.shape[0], mask.shape[1]
     n_chunks = (n_kv + chunk - 1) // chunk
     acc = np.zeros((4, 8), np.float32)
-    vkq = np.zeros(DV, np.float32)
-    tmp = np.zeros(DV, np.float32)
-    fin = np.zeros(DV, np.float32)
+    vkq, tmp, fin = np.zeros(DV, np.float32), np.zeros(DV, np.float32), np.zeros(DV, np.float32)
+    no_mask = np.zeros(0, np.float32)
     for s in range(S):
         for h in range(H):
-            slope = slopes[h]
+            krows = kb[s // (S // kb.shape[0]), h // (H // kb.shape[1])]
+            vrows = vb[s // (S // vb.shape[0]), h // (H // vb.shape[1])]
             for iq in range(NQ):
-                qrow = q[s, h, iq]
+                mrow = mask[s % m3, h % m2, iq] if m3 > 0 else no_mask
                 m_fin, s_fin = np.float32(-np.inf), np.float32(0)
                 fin[:] = 0
                 for c in range(n_chunks):
-                    m_run, s_run = np.float32(-np.inf), np.float32(0)
-                    vkq[:] = 0
-                    for ic in range(c * chunk, min(n_kv, (c + 1) * chunk)):
-                        mv = np.float32(0)
-                        if m3 > 0:
-                            mv = slope * mask[s % m3, h % m2, iq, ic]
-                            if mv == -np.inf:
-                                continue
-                        sc = _dot_f16(kb[s // rk3, h // rk2, ic], qrow, lut, acc) * scale
-                        if softcap != 0:
-                            sc = softcap * np.float32(math.tanh(sc))
-                        sc = sc + mv
-                        ms, vs = np.float32(1), np.float32(1)
-                        if sc > m_run:
-                            ms = np.float32(math.exp(m_run - sc))
-                            m_run = sc
-                            for d in range(DV):
-                                vkq[d] = vkq[d] * ms
-                            _round_f16(vkq)
-                        else:
-                            vs = np.float32(math.exp(sc - m_run))
-                        vrow = vb[s // rv3, h // rv2, ic]
-                        for d in range(DV):
-                            tmp[d] = np.float32(np.float64(lut[vrow[d]]) * vs + vkq[d])
-                        _round_f16(tmp)
-                        vkq[:] = tmp
-                        s_run = np.float32(np.float64(s_run) * ms + vs)
+                    m_run, s_run = _fa_f16_chunk(q[s, h, iq], krows, vrows, lut, mrow, slopes[h], scale, softcap,
+                                                 c * chunk, min(n_kv, (c + 1) * chunk), vkq, tmp, acc)
                     if sinks.size and c == 0:
-                        sk = sinks[h]
-                        ms, vs = np.float32(1), np.float32(1)
-                        if sk > m_run:
-                            ms = np.float32(math.exp(m_run - sk))
-                            m_run = sk
-                            for d in range(DV):
-                                vkq[d] = vkq[d] * ms
-                        else:
-                            vs = np.float32(math.exp(sk - m_run))
-                        s_run = np.float32(np.float64(s_run) * ms + vs)
+                        m_run, s_run = _fa_add_sink(sinks[h], m_run, s_run, vkq)
                     if n_chunks == 1:
                         inv = np.float32(0) if s_run == 0 else np.float32(1) / s_run
                         for d in range(DV):
                             out[s, h, iq, d] = vkq[d] * inv
-                        continue
-                    if s_run == 0:
-                        continue
-                    m_new = max(m_fin, m_run)
-                    so = np.float32(math.exp(m_fin - m_new))
-                    sn = np.float32(math.exp(m_run - m_new))
-                    for d in range(DV):
-                        fin[d] = np.float32(np.float64(fin[d]) * so + np.float32(vkq[d] * sn))
-                    s_fin = np.float32(np.float64(s_fin) * so + np.float32(s_run * sn))
-                    m_fin = m_new
+                    elif s_run != 0:          # ggml_flash_attn_ext_reduce_partials
+                        m_new = max(m_fin, m_run)
+                        so, sn = np.float32(math.exp(m_fin - m_new)), np.float32(math.exp(m_run - m_new))
+                        for d in range(DV):
+                            fin[d] = np.float32(np.float64(fin[d]) * so + np.float32(vkq[d] * sn))
+                        s_fin = np.float32(np.float64(s_fin) * so + np.float32(s_run * sn))
+                        m_fin = m_new
                 if n_chunks > 1:
                     inv = np.float32(1) / s_fin if s_fin != 0 else np.float32(1)
                     for d in range(DV):
                         out[s, h, iq, d] = fin[d] * inv
 
 
-
 @functools.cache
 def _f16_kernels() -> tuple[Callable[..., None], np.ndarray]:
     """The numba kernel that replays ggml's flash-attention row path for F16 K/V (compiled once)."""
-    njit_in_place(globals(), "_round_f16", "_dot_f16", "_fa_f16_rows")
+    njit_in_place(globals(), "_round_f16", "_dot_f16", "_fa_f16_chunk", "_fa_add_sink", "_fa_f16_rows")
     return globals()["_fa_f16_rows"], f16_table()
 
 
@@ -375,12 +386,11 @@ def f16_accumulator_kernel(node: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: 
     kb, vb = view(k).view(np.uint16), view(v).view(np.uint16)
     slopes = alibi_slopes(H, max_bias)
     read_mask = mask_reader(mask, n_q) if mask is not None else (lambda: np.zeros((0, 0, 0, 0), F32))
-    sink_v = view(sinks).reshape(-1)[:H].astype(F32) if sinks is not None else np.zeros(0, F32)
+    sink_v = view(sinks)[0, 0, 0, :H] if sinks is not None else np.zeros(0, F32)
     split = n_q == 1 and S == 1 and n_kv >= FA_SPLIT_KV
     chunk = -(-n_kv // max(1, GGML_THREADS)) if split else max(n_kv, 1)
 
     def kernel() -> None:
         q16 = qv.astype(np.float16).astype(F32)
-        sk = view(sinks).reshape(-1)[:H].astype(F32) if sinks is not None else sink_v
-        rows(q16, kb, vb, lut, read_mask(), slopes, sk, scale, softcap, chunk, out)
+        rows(q16, kb, vb, lut, read_mask(), slopes, sink_v, scale, softcap, chunk, out)
     return kernel
