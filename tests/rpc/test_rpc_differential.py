@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from rpc_helpers import COMPUTE, F32, HOST, add_graph
 
 from hybridllm.backends.numpy_backend import NumpyBackend
 from hybridllm.ggml.types import GGMLOp, GGMLType
@@ -15,7 +16,6 @@ from hybridllm.rpc import protocol as P
 from hybridllm.rpc.client import RpcClient, rpc_tensor
 from hybridllm.rpc.server import ServerThread
 from hybridllm.testing.procs import start_peer_server
-from rpc_helpers import COMPUTE, F32, HOST, add_graph
 
 U64 = (1 << 64) - 1
 

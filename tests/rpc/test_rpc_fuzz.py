@@ -3,6 +3,7 @@ while a well-behaved client keeps computing on another connection. Bounded to ro
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import struct
 import threading
@@ -23,7 +24,9 @@ from hybridllm.rpc.worker import Session, SessionError
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
 BUF_SIZE = 4096
-FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+# HYBRIDLLM_FUZZ_SCALE=N runs N times the examples with fresh randomness (CI: 1, derandomized)
+SCALE = int(os.environ.get("HYBRIDLLM_FUZZ_SCALE", "1"))
+FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck), derandomize=SCALE == 1)
 COUNTS: dict[str, int] = {}
 
 
@@ -103,7 +106,7 @@ def requests(handles: list[int], base: int) -> st.SearchStrategy[P.Message]:
 
 # --- 1. the decoder never raises, whatever the bytes and however they are split ------------------------------
 
-@settings(FUZZ, max_examples=600)
+@settings(FUZZ, max_examples=600 * SCALE)
 @given(st.lists(st.one_of(st.binary(max_size=64),
                           st.tuples(st.integers(0, 30), st.integers(0, 400)).map(
                               lambda cs: struct.pack("<BQ", *cs) + bytes(cs[1] % 97))), max_size=8),
@@ -129,7 +132,7 @@ BASE = 1 << 32                    # a fresh NumpyBackend's first buffer base
 REQUESTS = requests([HANDLE], BASE)   # built once: building strategies per example dominates the runtime
 
 
-@settings(FUZZ, max_examples=800)
+@settings(FUZZ, max_examples=800 * SCALE)
 @given(st.lists(REQUESTS, min_size=1, max_size=6))
 def test_session_refuses_cleanly(reqs):
     _count("session")
@@ -198,7 +201,7 @@ def test_sessions_over_sockets_while_a_good_client_computes():
         worker = threading.Thread(target=good)
         worker.start()
 
-        @settings(FUZZ, max_examples=300)
+        @settings(FUZZ, max_examples=300 * SCALE)
         @given(st.lists(REQUESTS, max_size=5), st.integers(0, 3), st.integers(0, 1 << 20))
         def one_session(msgs, mutation, cut):
             _count("socket")
