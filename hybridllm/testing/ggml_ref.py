@@ -196,6 +196,7 @@ class GGMLGraph:
             self.upload(t, data)
         return t
 
+    @np.errstate(invalid="ignore", over="ignore")
     def upload(self, t: GT, data: np.ndarray) -> None:
         tt = t.type
         ne, nb = t.ne, t.nb
@@ -327,6 +328,7 @@ def tensor_values(mem: np.ndarray, t: Tensor) -> np.ndarray:
     return v.astype(np.float64)
 
 
+@np.errstate(invalid="ignore", over="ignore")
 def _within_one_ulp(a: np.ndarray, b: np.ndarray, t: GGMLType) -> np.ndarray:
     dt = {GGMLType.F16: np.float16, GGMLType.BF16: np.float32}.get(t, np.float32)
     ulp = np.spacing(np.abs(b).astype(dt)).astype(np.float64)
