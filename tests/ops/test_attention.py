@@ -126,3 +126,12 @@ def test_flash_attn_ext_f16_accumulator_split_kv_threads(g, rng, monkeypatch):
     out = g.flash_attn_ext(q, k, v, m, 0.125, 0.0, 0.0)
     g.flash_attn_ext_add_sinks(out, g.new(T.F32, (4,), rng.standard_normal(4)))
     g.run(out, n_threads=2).assert_close(rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kv_type", [T.Q8_0, T.Q4_0, T.BF16])
+def test_flash_attn_ext_other_cache_types(g, rng, kv_type):
+    """Quantized/BF16 caches: Q is converted to K's vec_dot type (Q8_0 / BF16) as ggml does, V is decoded."""
+    q, k, v, m = _fa_inputs(g, rng, 64, 64, 2, 96, 4, 2, 1, kv_type)
+    out = g.flash_attn_ext(q, k, v, m, 0.125, 0.0, 0.0)
+    g.run(out).assert_close(rtol=1e-5, atol=1e-5)
+
