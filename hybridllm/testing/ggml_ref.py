@@ -53,7 +53,7 @@ _SIGS: dict[str, str] = {
     "xielu": "tffff", "leaky_relu": "tfb",
     "scale": "tf", "scale_bias": "tff", "clamp": "tff",
     "norm": "tf", "rms_norm": "tf", "l2_norm": "tf", "rms_norm_inplace": "tf",
-    "cast": "ti", "set_rows": "ttt", "add_id": "ttt",
+    "cast": "ti", "set_rows": "ttt", "add_id": "ttt", "group_norm": "tif",
     "cont_4d": "tllll", "reshape_4d": "tllll", "repeat_4d": "tllll",
     "view_1d": "tlz", "view_2d": "tllzz", "view_3d": "tlllzzz", "view_4d": "tllllzzzz",
     "permute": "tiiii",

@@ -97,3 +97,10 @@ def test_geglu_f16_rounding_ties(g, rng):
     gate = g.new(T.F32, (64, len(x) // 64), x)
     up = g.new(T.F32, (64, len(x) // 64), rng.standard_normal(len(x)))
     g.run(g.glu_split(gate, up, int(GluOp.GEGLU))).assert_close(rtol=0, atol=0)
+
+
+def test_add_id(g, rng):
+    a = g.new(T.F32, (16, 3, 5), rng.standard_normal(240))
+    b = g.new(T.F32, (16, 8), rng.standard_normal(128))
+    ids = g.new(T.I32, (3, 5), rng.integers(0, 8, 15))
+    g.run(g.add_id(a, b, ids)).assert_close(rtol=0, atol=0)

@@ -166,6 +166,27 @@ def build_binary(node: Tensor) -> Kernel:
     return lambda: ufunc(cx(), cy(), out=d, dtype=F32, casting="same_kind")
 
 
+@register(GGMLOp.ADD_ID)
+def build_add_id(node: Tensor) -> Kernel:
+    """dst[:, i1, i2] = a[:, i1, i2] + b[:, ids[i1, i2]] (per-expert biases, gpt-oss)."""
+    from .rows import check_indices
+    a, b, ids = node.src_at(0), node.src_at(1), node.src_at(2)
+    require(a is not None and b is not None and ids is not None, node, "needs a, b and ids")
+    assert a is not None and b is not None and ids is not None
+    require(a.type == b.type == node.type == GGMLType.F32 and ids.type == GGMLType.I32, node,
+            "f32 operands and i32 ids only")
+    same_shape(node, a)
+    require(b.ne[0] == a.ne[0] and ids.ne[0] == a.ne[1] and ids.ne[1] == a.ne[2], node,
+            f"b {b.ne} / ids {ids.ne} do not fit {a.ne}")
+    x, bv, iv, d = view(a), view(b)[:, 0], view(ids)[:, 0], view(node)   # bv (ne13, ne11, n), iv (1, i2, i1)
+    n_rows = b.ne[1]
+
+    def kernel() -> None:
+        check_indices(iv, n_rows, node)
+        np.add(x, bv[0][iv[0]][None], out=d)
+    return kernel
+
+
 @register(GGMLOp.ADD1)
 def build_add1(node: Tensor) -> Kernel:
     a, b = node.src[0], node.src_at(1)
