@@ -27,14 +27,10 @@ DEFAULT_PORT = 50052
 _PAUSE_BYTES = 256 << 20   # stop reading a connection while this much decoded work is queued
 
 
-class _Close(Exception):
-    """Raised inside a connection's thread to close it with a one-line reason."""
-
-
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, Unsupported):
         return f"unsupported: {exc}"
-    if isinstance(exc, (SessionError, _Close, P.ProtocolError)):
+    if isinstance(exc, (SessionError, P.ProtocolError)):
         return str(exc)
     return f"internal error: {type(exc).__name__}: {exc}"
 
@@ -195,7 +191,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.closed = True
         log.warning("conn %d (%s) closed: %s", self.number, self.peer, reason)
-        if exc is not None and not isinstance(exc, (SessionError, Unsupported, P.ProtocolError, _Close)):
+        if exc is not None and not isinstance(exc, (SessionError, Unsupported, P.ProtocolError)):
             log.debug("traceback of conn %d", self.number, exc_info=exc)
         if self.transport is not None:
             self.transport.close()
