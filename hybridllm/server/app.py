@@ -17,7 +17,7 @@ from . import native_api, openai_api
 from .engine_api import Engine
 from .generation import json_response, to_api_error
 from .params import ApiError
-from .state import ServerState
+from .state import STATE, ServerState
 
 log = logging.getLogger("hybridllm.server")
 
@@ -67,7 +67,7 @@ def make_app(state: ServerState) -> web.Application:
     if state.config.api_key:
         middlewares.append(_api_key_check(state.config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
-    app["state"] = state
+    app[STATE] = state
     app.add_routes(openai_api.routes)
     app.add_routes(native_api.routes)
     return app
@@ -78,7 +78,7 @@ async def start(state: ServerState, host: str, port: int) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its handler, which stops its generation
     runner = web.AppRunner(make_app(state), handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=2.0)
+    site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError:

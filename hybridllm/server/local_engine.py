@@ -114,7 +114,10 @@ class LocalEngine:
 
     # --- Engine: text ------------------------------------------------------------------------------
     async def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        return await asyncio.to_thread(self._tok.tokenize, text, add_special, parse_special)
+        try:
+            return await asyncio.to_thread(self._tok.tokenize, text, add_special, parse_special)
+        except ValueError as exc:  # e.g. an unpaired surrogate escaped in the JSON
+            raise EngineRequestError(str(exc)) from None
 
     async def detokenize(self, ids: Sequence[int]) -> str:
         self._check_ids(ids)
@@ -166,6 +169,7 @@ class LocalEngine:
         from ..engine.sampler import DEFAULT_SEED, Sampler, SamplerParams
         s: SamplingParams = request.sampling
         bias = {int(k): float(v) for k, v in s.logit_bias.items()}
+        self._check_ids(list(bias))
         if request.ignore_eos:  # llama-server: ignore_eos biases every end-of-generation token to -inf
             bias.update({t: -math.inf for t in self._tok.eog_ids})
         params = SamplerParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,

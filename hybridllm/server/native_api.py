@@ -13,7 +13,7 @@ from .metrics import CONTENT_TYPE
 from .openai_api import gen_request, tokenize_prompt
 from .params import ApiError, opt_bool, parse_body, parse_gen_options, parse_messages, tokens_or_text
 from .slots import Slot
-from .state import ServerState
+from .state import STATE, ServerState
 
 __all__ = ["routes"]
 
@@ -64,7 +64,7 @@ class NativeFormatter:
 @routes.post("/completion")
 @routes.post("/completions")
 async def completion(request: web.Request) -> web.StreamResponse:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     engine = state.ready_engine()
     body = parse_body(await request.read())
     if "prompt" not in body:
@@ -80,7 +80,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
 @routes.get("/health")
 @routes.get("/v1/health")
 async def health(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     h = state.health()
     if h.state is HealthState.OK:
         return json_response({"status": "ok"})
@@ -92,7 +92,7 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.post("/tokenize")
 async def tokenize(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     engine = state.ready_engine()
     body = parse_body(await request.read())
     if "content" not in body:
@@ -119,7 +119,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 @routes.post("/detokenize")
 async def detokenize(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     engine = state.ready_engine()
     body = parse_body(await request.read())
     tokens = body.get("tokens", [])
@@ -130,7 +130,7 @@ async def detokenize(request: web.Request) -> web.Response:
 
 @routes.post("/apply-template")
 async def apply_template(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     engine = state.ready_engine()
     body = parse_body(await request.read())
     messages = parse_messages(body)
@@ -144,7 +144,7 @@ async def apply_template(request: web.Request) -> web.Response:
 
 @routes.get("/props")
 async def props(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     info = state.ready_engine().info
     cfg = state.config
     return json_response({
@@ -161,7 +161,7 @@ async def props(request: web.Request) -> web.Response:
 
 @routes.get("/slots")
 async def slots(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     state.ready_engine()
     assert state.slots is not None
     if request.query.get("fail_on_no_slot") and state.slots.n_idle == 0:
@@ -171,7 +171,7 @@ async def slots(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     data = state.metrics.render(state.registry)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE,
                                             "Process-Start-Time-Unix": str(int(state.metrics.t_start))})

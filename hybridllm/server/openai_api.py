@@ -15,7 +15,7 @@ from .generation import complete, json_response
 from .params import (ApiError, GenOptions, opt_bool, parse_body, parse_gen_options, parse_messages,
                      tokens_or_text)
 from .slots import Slot
-from .state import ServerState
+from .state import STATE, ServerState
 
 __all__ = ["routes", "tokenize_prompt", "gen_request", "FINGERPRINT"]
 
@@ -119,7 +119,7 @@ async def tokenize_prompt(state: ServerState, prompt: Any, name: str = "prompt")
 @routes.post("/v1/chat/completions")
 @routes.post("/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     engine = state.ready_engine()
     body = parse_body(await request.read())
     messages = parse_messages(body)
@@ -139,7 +139,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     engine = state.ready_engine()
     body = parse_body(await request.read())
     if "prompt" not in body:
@@ -159,7 +159,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 @routes.get("/v1/models")
 @routes.get("/models")
 async def models(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     info = state.ready_engine().info
     model = {
         "id": info.name, "object": "model", "created": int(state.t_start), "owned_by": "hybridllm",

@@ -40,6 +40,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(f"invalid JSON in the request body: {exc}") from None
+    except RecursionError:
+        raise ApiError("invalid JSON in the request body: nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(f"the request body must be a JSON object, got {_kind(data)}")
     return data
@@ -249,8 +251,8 @@ def tokens_or_text(v: Any, name: str) -> list[str | int]:
     if isinstance(v, list):
         if len(v) == 1 and isinstance(v[0], (str, list)):
             return tokens_or_text(v[0], name)  # a batch of one prompt
-        if all(isinstance(p, str) or (isinstance(p, int) and not isinstance(p, bool)) for p in v):
-            return list(v)
-        if v and all(isinstance(p, (str, list)) for p in v):
+        if v and all(isinstance(p, (str, list)) for p in v):  # llama.cpp: a list of prompts
             raise ApiError(f"'{name}': several prompts in one request are not supported; send one per request")
+        if all(isinstance(p, str) or (isinstance(p, int) and not isinstance(p, bool)) for p in v):
+            return list(v)  # token ids, possibly mixed with text pieces
     raise ApiError(f"'{name}' must be a string, an array of token ids, or an array of strings and token ids")

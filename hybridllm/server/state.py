@@ -7,6 +7,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from aiohttp import web
+
 from .engine_api import Engine, GenerateRequest, Health, HealthState, SamplingParams, Step
 from .metrics import ServerMetrics
 from .params import ApiError
@@ -14,7 +16,7 @@ from .slots import Slot, SlotManager
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServerConfig", "ServerState"]
+__all__ = ["ServerConfig", "ServerState", "STATE"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class ServerConfig:
 
 
 class ServerState:
+    """Shared by the handlers as `request.app[STATE]`."""
+
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.engine: Engine | None = None
@@ -89,3 +93,6 @@ async def _tracked(slot: Slot, steps: AsyncIterator[Step]) -> AsyncIterator[Step
     async for step in steps:
         slot.generated += step.text
         yield step
+
+
+STATE = web.AppKey("state", ServerState)
