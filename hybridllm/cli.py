@@ -52,4 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m hybridllm.cli`: run the importable module's main, so the CliError that subcommands import
+    # from hybridllm.cli is the class main() catches (this __main__ copy has its own)
+    from hybridllm.cli import main as _main
+    sys.exit(_main())
