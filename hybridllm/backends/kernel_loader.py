@@ -116,6 +116,12 @@ class CupyKernels:
     def options(self) -> tuple[str, ...]:
         return ("-std=c++17", f"-DHL_WARP={self.warp}")
 
+    def preload(self, modules: list[str] | None = None) -> None:
+        """Compile (or load from the cache) modules now rather than at first use."""
+        for m in modules if modules is not None else module_names():
+            if m not in self._modules:
+                self._modules[m] = self._load(m)
+
     def function(self, module: str, name: str) -> Any:
         key = (module, name)
         fn = self._functions.get(key)

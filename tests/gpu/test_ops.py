@@ -52,6 +52,10 @@ UNARY = [UnaryOp.ABS, UnaryOp.SGN, UnaryOp.NEG, UnaryOp.STEP, UnaryOp.TANH, Unar
          UnaryOp.TRUNC, UnaryOp.SOFTPLUS]
 
 
+F16_ROUNDED_UNARY = {UnaryOp.GELU, UnaryOp.GELU_QUICK}
+F16_ROUNDED_GLU = {GluOp.GEGLU, GluOp.GEGLU_QUICK}  # separate sets: IntEnums compare by value
+
+
 @pytest.mark.parametrize("uop", UNARY, ids=lambda u: u.name)
 def test_unary(gpu, uop, rng):
     x = randn(rng, 5, 70, scale=3.0)
@@ -62,7 +66,10 @@ def test_unary(gpu, uop, rng):
         return [g.node(GGMLOp.UNARY, F32, (70, 5), [t], params=(int(uop),))]
 
     [(got, ref)] = run_both(gpu, build)
-    assert_close(got, ref, rtol=2e-6, atol=2e-6, what=uop.name)
+    # GELU/GELU_QUICK round through f16 like ggml's table; a 1-ulp libm difference on a device can move a
+    # value across an f16 rounding boundary (1e-3 relative), so those get f16 tolerance.
+    tol = 2e-3 if uop in F16_ROUNDED_UNARY else 2e-6
+    assert_close(got, ref, rtol=tol, atol=tol, what=uop.name)
 
 
 @pytest.mark.parametrize("op,params", [(GGMLOp.SCALE, (0.5, 0.25)), (GGMLOp.CLAMP, (-0.5, 0.75)),
@@ -95,7 +102,8 @@ def test_glu(gpu, gop, form, rng):
         return [g.node(GGMLOp.GLU, F32, (n, rows), [t], params=params)]
 
     [(got, ref)] = run_both(gpu, build)
-    assert_close(got, ref, rtol=2e-6, atol=2e-6, what=f"{gop.name} {form}")
+    tol = 4e-3 if gop in F16_ROUNDED_GLU else 2e-6
+    assert_close(got, ref, rtol=tol, atol=tol, what=f"{gop.name} {form}")
 
 
 @pytest.mark.parametrize("op", [GGMLOp.RMS_NORM, GGMLOp.NORM, GGMLOp.L2_NORM])
