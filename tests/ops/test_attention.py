@@ -135,3 +135,19 @@ def test_flash_attn_ext_other_cache_types(g, rng, kv_type):
     out = g.flash_attn_ext(q, k, v, m, 0.125, 0.0, 0.0)
     g.run(out).assert_close(rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("window", [(40, 90), (0, 0)])
+def test_flash_attn_ext_sliding_window_and_empty_mask(g, rng, window):
+    """Only the KV range some query can see is read; a mask hiding everything gives zeros, as in ggml."""
+    n_q, n_kv, H = 3, 128, 4
+    q, k, v, _ = _fa_inputs(g, rng, 32, 32, n_q, n_kv, H, 2, 1, T.F16, mask=False)
+    mv = np.full((n_q, n_kv), -np.inf)
+    lo, hi = window
+    mv[:, lo:hi] = np.where(rng.random((n_q, hi - lo)) < 0.3, -np.inf, 0.0)
+    mv[0, lo:hi][:1] = 0.0 if hi > lo else -np.inf
+    m = g.new(T.F16, (n_kv, n_q), mv)
+    out = g.flash_attn_ext(q, k, v, m, 0.2, 0.0, 0.0)
+    sunk = g.flash_attn_ext(q, k, v, m, 0.2, 0.0, 0.0)
+    g.flash_attn_ext_add_sinks(sunk, g.new(T.F32, (H,), rng.standard_normal(H)))
+    g.run(out, sunk).assert_close(rtol=3e-3, atol=3e-3)

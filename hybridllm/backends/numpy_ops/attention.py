@@ -105,19 +105,19 @@ def _bcast(small: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 # --- FLASH_ATTN_EXT ------------------------------------------------------------------------------------
 
-def _kv_reader(t: Tensor) -> Callable[[], np.ndarray]:
-    """K or V as float32 (S, H, n_kv, D); quantized rows are dequantized."""
+def _kv_reader(t: Tensor) -> Callable[[slice], np.ndarray]:
+    """K or V rows `sl` (an n_kv range) as float32 (S, H, n, D); quantized rows are dequantized."""
     if t.is_quantized:
         from ...quants import dequantize
         raw, qtype, n = rows_view(t), t.type, t.ne[0]
-        return lambda: dequantize(raw, qtype, n)
+        return lambda sl: dequantize(raw[:, :, sl], qtype, n)
     v = view(t)
     if t.type == GGMLType.F32:
-        return lambda: v
+        return lambda sl: v[:, :, sl]
     if t.type == GGMLType.F16:
-        return lambda: f16_to_f32(v)
+        return lambda sl: f16_to_f32(v[:, :, sl])
     if t.type == GGMLType.BF16:
-        return lambda: bf16_to_f32(v)
+        return lambda sl: bf16_to_f32(v[:, :, sl])
     raise ValueError(type_name(t.type))
 
 
@@ -177,35 +177,56 @@ def _fa_operands(node: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, T
 def build_flash_attn_ext(node: Tensor) -> Kernel:
     q, k, v, mask, sinks = _fa_operands(node)
     D, n_q, H, S = q.ne
-    Dv, n_kv = v.ne[0], k.ne[1]
-    hk, sk = k.ne[2], k.ne[3]
-    scale, max_bias, softcap = F32(node.param_f32(0)), float(node.param_f32(1)), F32(node.param_f32(2))
-    if softcap != 0:
-        scale = F32(scale / softcap)
+    n_kv, hk, sk = k.ne[1], k.ne[2], k.ne[3]
     tiled = (k.type == v.type and k.type in (GGMLType.F32, GGMLType.F16) and n_q >= FA_TILE_Q)
     if GGML_F16_ACCUMULATOR and not tiled and k.type == v.type == GGMLType.F16:
         return f16_accumulator_kernel(node, q, k, v, mask, sinks)
-    r3, r2 = S // sk, H // hk
-    M = r2 * n_q
     read_q, round_q = view(q), _q_rounder(k, tiled)
-    read_k, read_v = _kv_reader(k), _kv_reader(v)
+    read_mask = mask_reader(mask, n_q) if mask is not None else None
+    attend = _attend(node, H, S, hk, sk, _kv_reader(k), _kv_reader(v), sinks)
+    everything = slice(0, n_kv)
+
+    def kernel() -> None:
+        qv = round_q(read_q)
+        if read_mask is None:
+            return attend(qv, everything, None)
+        m = read_mask()
+        # only KV entries some query can see: the padded tail (and a sliding window's head) are -inf
+        live = np.flatnonzero((m != -np.inf).any(axis=(0, 1, 2)))
+        lo, hi = (int(live[0]), int(live[-1]) + 1) if live.size else (0, 0)
+        attend(qv, slice(lo, hi), m[..., lo:hi])
+    return kernel
+
+
+def _attend(node: Tensor, H: int, S: int, hk: int, sk: int, read_k: Callable[[slice], np.ndarray],
+            read_v: Callable[[slice], np.ndarray], sinks: Tensor | None
+            ) -> Callable[[np.ndarray, slice, np.ndarray | None], None]:
+    """softmax(scale * Q K^T + slope * mask) V for the KV range `sl`, written to the node (S, n_q, H, Dv)."""
+    Dv, _, n_q, _ = node.ne
+    r3, r2 = S // sk, H // hk
+    scale, max_bias, softcap = F32(node.param_f32(0)), float(node.param_f32(1)), F32(node.param_f32(2))
+    if softcap != 0:
+        scale = F32(scale / softcap)
     slopes = _per_head(alibi_slopes(H, max_bias), hk)
-    read_mask = _mask_layout(mask, (S, H, n_q, n_kv), sk, hk) if mask is not None else None
     sink_v = _per_head(view(sinks)[0, 0, 0, :H], hk) if sinks is not None else None
     # (S, H, n_q, Dv) over dst (S, n_q, H, Dv), split by kv head: (sk, r3, hk, r2, n_q, Dv)
     out = _split_heads(view(node).transpose(0, 2, 1, 3), sk, hk)
 
-    def kernel() -> None:
-        # Q^T per kv head: (sk, r3, hk, D, r2*n_q); K (sk, 1, hk, n_kv, D). K @ Q^T is the fast BLAS shape.
-        qt = np.ascontiguousarray(_split_heads(round_q(read_q), sk, hk).transpose(0, 1, 2, 5, 3, 4))
-        sc = np.matmul(read_k()[:, None], qt.reshape(sk, r3, hk, D, M))      # (sk, r3, hk, n_kv, M)
-        s6 = sc.reshape(sk, r3, hk, n_kv, r2, n_q)
+    def attend(qv: np.ndarray, sl: slice, mask: np.ndarray | None) -> None:
+        n = sl.stop - sl.start
+        if n == 0:                        # nothing visible: ggml's sums are 0 and so is the output
+            out[...] = 0
+            return
+        # per kv head, K (n, D) @ Q^T (D, r2*n_q) is the fast BLAS shape: scores (sk, r3, hk, n, r2, n_q)
+        qt = np.ascontiguousarray(_split_heads(qv, sk, hk).transpose(0, 1, 2, 5, 3, 4))
+        sc = np.matmul(read_k(sl)[:, None], qt.reshape(sk, r3, hk, qv.shape[-1], r2 * n_q))
+        s6 = sc.reshape(sk, r3, hk, n, r2, n_q)
         s6 *= scale
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             if softcap != 0:
                 s6[...] = np.tanh(s6.astype(F64)).astype(F32) * softcap
-            if read_mask is not None:
-                m = read_mask()
+            if mask is not None:
+                m = _mask_layout(mask, (S, H, n_q, n), sk, hk)
                 s6 += m * slopes if max_bias > 0 else m
             mx = s6.max(axis=3, keepdims=True)
             if sink_v is not None:
@@ -217,23 +238,19 @@ def build_flash_attn_ext(node: Tensor) -> Kernel:
             if sink_v is not None:
                 den += np.exp((sink_v - mx).astype(F64))
             inv = np.where(den == 0, 0.0, 1.0 / np.where(den == 0, 1.0, den)).astype(F32)
-            res = np.matmul(read_v()[:, None].swapaxes(-1, -2), sc)           # (sk, r3, hk, Dv, M)
+            res = np.matmul(read_v(sl)[:, None].swapaxes(-1, -2), sc)          # (sk, r3, hk, Dv, r2*n_q)
             res6 = res.reshape(sk, r3, hk, Dv, r2, n_q).transpose(0, 1, 2, 4, 5, 3)
             np.multiply(res6, inv.reshape(sk, r3, hk, r2, n_q, 1), out=out)
-    return kernel
+    return attend
 
 
-def _mask_layout(mask: Tensor, shape: tuple[int, int, int, int], sk: int, hk: int) -> Callable[[], np.ndarray]:
-    """The mask (m3, m2, n_q, n_kv) in the score layout (sk, r3, hk, n_kv, r2, n_q) (broadcastable)."""
-    S, H, n_q, n_kv = shape
-    read = mask_reader(mask, n_q)
-    if mask.ne[2] == 1 and mask.ne[3] == 1:   # one mask for all heads and sequences: no copy
-        return lambda: read()[0, 0].T.reshape(1, 1, 1, n_kv, 1, n_q)
-
-    def tiled() -> np.ndarray:
-        full = np.broadcast_to(_bcast(read(), shape), shape)
-        return _split_heads(full, sk, hk).transpose(0, 1, 2, 5, 3, 4)
-    return tiled
+def _mask_layout(mask: np.ndarray, shape: tuple[int, int, int, int], sk: int, hk: int) -> np.ndarray:
+    """A float32 mask (m3, m2, n_q, n) in the score layout (sk, r3, hk, n, r2, n_q) (broadcastable)."""
+    S, H, n_q, n = shape
+    if mask.shape[0] == 1 and mask.shape[1] == 1:   # one mask for all heads and sequences: no copy
+        return mask[0, 0].T.reshape(1, 1, 1, n, 1, n_q)
+    full = np.broadcast_to(_bcast(mask, shape), shape)
+    return _split_heads(full, sk, hk).transpose(0, 1, 2, 5, 3, 4)
 
 
 # --- ggml's F16-accumulator row path, step by step (opt-in) ---------------------------------------------
