@@ -185,6 +185,7 @@ def _chat(args: argparse.Namespace, runner: ModelRunner, tokenizer: Any, sampler
             keep = 0
         t = generate(runner, tokenizer, sampler, ids[keep:], args.n_predict, emit, special=False)
         emit("\n")
+        _print_timings(t, sys.stderr)
         reply = tokenizer.decode(t["tokens"]) if hasattr(tokenizer, "decode") else ""
         messages.append({"role": "assistant", "content": reply})
         cached = ids + list(t["tokens"])
