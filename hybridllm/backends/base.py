@@ -7,7 +7,7 @@ while they live, so a Plan stays valid until one of the buffers it uses is freed
 """
 from __future__ import annotations
 
-import itertools
+import threading
 from abc import ABC, abstractmethod
 from typing import Protocol, Sequence
 
@@ -43,8 +43,9 @@ class Plan(Protocol):
     def run(self) -> None: ...
 
 
-_ADDRESS_SPACE_START = 1 << 32
 _ADDRESS_SPACE_ALIGN = 1 << 16
+_address_cursor = 1 << 32
+_address_lock = threading.Lock()
 
 
 class Backend(ABC):
@@ -55,16 +56,20 @@ class Backend(ABC):
     max_size: int = (1 << 64) - 1
 
     def __init__(self) -> None:
-        self._next_base = itertools.count()
-        self._cursor = _ADDRESS_SPACE_START
+        pass
 
-    def _new_base(self, size: int) -> int:
-        """Fake, non-overlapping, 64 KiB-aligned base addresses (0 for empty buffers, as ggml does)."""
+    @staticmethod
+    def _new_base(size: int) -> int:
+        """A fake, 64 KiB-aligned base address, unique across every backend of this process (a master mixes
+        buffers of several devices in one graph), or 0 for an empty buffer, as ggml does. Call it only once
+        the memory is really allocated, so failed allocations do not use up address space."""
+        global _address_cursor
         if size == 0:
             return 0
-        base = self._cursor
-        self._cursor += (size + _ADDRESS_SPACE_ALIGN - 1) // _ADDRESS_SPACE_ALIGN * _ADDRESS_SPACE_ALIGN
-        self._cursor += _ADDRESS_SPACE_ALIGN  # guard gap: an off-by-one never lands in a neighbour
+        span = (size + _ADDRESS_SPACE_ALIGN - 1) // _ADDRESS_SPACE_ALIGN * _ADDRESS_SPACE_ALIGN
+        with _address_lock:
+            base = _address_cursor
+            _address_cursor += span + _ADDRESS_SPACE_ALIGN  # guard gap: an overrun never lands in a neighbour
         return base
 
     # --- memory --------------------------------------------------------------------------------
@@ -112,5 +117,6 @@ class Backend(ABC):
 
 
 def nodes_to_run(nodes: Sequence[Tensor]) -> list[Tensor]:
-    """The nodes that do work: COMPUTE-flagged and not a pure view (ggml-rpc.md §6.3)."""
-    return [n for n in nodes if n.computes and n.op not in VIEW_OPS]
+    """The nodes that do work: COMPUTE-flagged, not a pure view (ggml-rpc.md §6.3) and not empty (ggml's
+    CPU backend skips nodes with a zero dimension)."""
+    return [n for n in nodes if n.computes and n.op not in VIEW_OPS and n.nelements > 0]

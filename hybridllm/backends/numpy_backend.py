@@ -14,9 +14,10 @@ from .numpy_ops import OPS, Kernel, load_all
 class NumpyBuffer(Buffer):
     __slots__ = ("array",)
 
-    def __init__(self, backend: Backend, size: int, base: int) -> None:
-        super().__init__(backend, size, base)
-        self.array: np.ndarray | None = np.empty(size, dtype=np.uint8)
+    def __init__(self, backend: Backend, size: int, base: int | None = None) -> None:
+        array = np.empty(size, dtype=np.uint8)  # first: a failed allocation takes no address space
+        super().__init__(backend, size, Backend._new_base(size) if base is None else base)
+        self.array: np.ndarray | None = array
 
 
 class NumpyPlan:
@@ -60,7 +61,7 @@ class NumpyBackend(Backend):
         if self.mem_limit is not None and self.allocated + size > self.mem_limit:
             return None
         try:
-            buf = NumpyBuffer(self, size, self._new_base(size))
+            buf = NumpyBuffer(self, size)
         except (MemoryError, ValueError):
             return None
         self.allocated += size

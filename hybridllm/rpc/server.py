@@ -197,17 +197,6 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-def _separate_address_spaces(devices: Sequence[Backend]) -> None:
-    """Move device i's fake addresses up by i * 2^48, so bases never coincide across devices (each Backend
-    counts from the same start; a master may mix buffers of several devices in one graph)."""
-    seen: set[int] = set()
-    for i, dev in enumerate(devices):
-        cursor = getattr(dev, "_cursor", None)
-        if i and id(dev) not in seen and isinstance(cursor, int) and cursor < (1 << 48):
-            dev._cursor = cursor + (i << 48)  # type: ignore[attr-defined]
-        seen.add(id(dev))
-
-
 class WorkerServer:
     """A listening worker over `devices` (one Backend per wire device index)."""
 
@@ -216,7 +205,6 @@ class WorkerServer:
         if not devices:
             raise ValueError("a worker needs at least one device")
         self.devices = list(devices)
-        _separate_address_spaces(self.devices)
         self.host, self.port = host, port
         self.cache = cache
         # no legitimate payload is larger than the biggest device memory (plus graph overhead)
