@@ -158,3 +158,22 @@ def test_queued_request_disconnect_leaves_queue(server: Serve) -> None:
             holder.release()
             return await _plain(s, server.url, {**LONG, "prompt": "c", "n_predict": 2}, [], "C")
     assert asyncio.run(main())["tokens_predicted"] == 2
+
+
+def test_event_loop_stays_responsive(server: Serve) -> None:
+    """Generation runs on the engine thread: /health answers at once while a slot is generating."""
+    async def main() -> list[float]:
+        async with aiohttp.ClientSession() as s:
+            holder = _SlotHolder(s, server.url)
+            await holder.start()
+            latencies = []
+            for _ in range(5):
+                t0 = time.monotonic()
+                async with s.get(server.url + "/health") as r:
+                    assert r.status == 200
+                latencies.append(time.monotonic() - t0)
+            slots = await asyncio.to_thread(get, server, "/slots")
+            assert slots[0]["is_processing"], "the generation ended before the measurements did"
+            holder.release()
+            return latencies
+    assert max(asyncio.run(main())) < 0.5

@@ -124,3 +124,20 @@ def test_prompt_cache_reuse(server: Serve) -> None:
 def test_n_predict_zero_and_default(server: Serve) -> None:
     r = post(server, "/completion", {**BASE, "prompt": "x", "n_predict": 0})
     assert r["content"] == "" and r["tokens_predicted"] == 0 and r["stop_type"] == "limit"
+
+
+def test_seeded_sampling_repeats(server: Serve) -> None:
+    body = {"prompt": "x y z", "n_predict": 12, "temperature": 1.0, "ignore_eos": True, "cache_prompt": False,
+            "return_tokens": True}
+    a = post(server, "/completion", {**body, "seed": 1234})["tokens"]
+    assert post(server, "/completion", {**body, "seed": 1234})["tokens"] == a
+    others = [post(server, "/completion", {**body, "seed": s})["tokens"] for s in (1, 2, 3)]
+    assert any(o != a for o in others)
+
+
+def test_logit_bias_false_bans_token(server: Serve) -> None:
+    body = {**BASE, "prompt": "x y z", "n_predict": 1, "return_tokens": True}
+    first = post(server, "/completion", body)["tokens"][0]
+    banned = post(server, "/completion", {**body, "logit_bias": [[first, False]]})["tokens"][0]
+    assert banned != first
+    assert post(server, "/completion", {**body, "logit_bias": {str(banned): 100.0}})["tokens"][0] == banned
