@@ -135,3 +135,13 @@ def test_cpy_quantize_dequantize(g, rng, qtype):
         outs.append(g.cpy(g.new(T.F16, (256, 6), rng.standard_normal(1536)), g.new(qtype, (512, 3))))
     res = g.run(*outs)
     res.assert_close(rtol=0, atol=0)
+
+
+def test_empty_nodes_are_skipped(g, rng):
+    """A batch with no output rows: ggml skips nodes with a zero dimension, and so do we."""
+    table = g.new(T.F32, (8, 4), rng.standard_normal(32))
+    ids = g.new(T.I32, (0,))
+    rows = g.get_rows(table, ids)
+    res = g.run(g.rms_norm(rows, 1e-6), g.scale(table, 2.0))
+    assert res.node(rows).nelements == 0
+    res.assert_close(rtol=0, atol=0)

@@ -1,8 +1,9 @@
 """SOFT_MAX and FLASH_ATTN_EXT (ggml-rpc.md §12.14, §12.15), vectorized over heads, queries and sequences.
 
-FLASH_ATTN_EXT computes the exact softmax attention in float32 with all heads in two batched matmuls (GQA
-and sequence broadcast are stride-0 views, never copies of K/V). Where ggml's kernel rounds Q to K's
-vec_dot type (F16 for an F16 cache: its row-by-row path, used below 64 queries) we round Q the same way.
+FLASH_ATTN_EXT computes the exact softmax attention in float32: the queries sharing a K/V head form one
+matrix, so each kv head costs two BLAS matmuls (GQA and sequence broadcast never copy K/V), and only the
+KV range the mask leaves visible is read. Where ggml's kernel rounds Q to K's vec_dot type (F16 for an
+F16 cache: its row-by-row path, used below 64 queries) we round Q the same way.
 
 ggml's row path also keeps the running V accumulator in F16 for an F16 V, which costs it ~1e-3 relative
 accuracy (more for long caches). Setting `GGML_F16_ACCUMULATOR` (module attribute, or the environment
