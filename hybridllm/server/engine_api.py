@@ -151,8 +151,10 @@ class Engine(Protocol):
 
     async def token_pieces(self, ids: Sequence[int]) -> list[bytes]: ...
 
-    async def apply_template(self, messages: Sequence[Mapping[str, Any]], *,
-                             add_generation_prompt: bool = True, **kwargs: Any) -> str: ...
+    async def apply_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                             template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """The prompt text; template_kwargs become template variables (chat_template_kwargs)."""
+        ...
 
     def cached_prefix(self, slot: int, prompt: Sequence[int]) -> int:
         """Prompt tokens the slot could reuse from its cache (the server prefers the best slot)."""

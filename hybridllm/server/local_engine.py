@@ -28,6 +28,9 @@ T = TypeVar("T")
 __all__ = ["LocalEngine", "EngineUnsupported", "check_placement"]
 
 
+_TEMPLATE_ARGS = frozenset({"messages", "add_generation_prompt", "tools", "documents"})
+
+
 class EngineUnsupported(Exception):
     """A serve option the engine cannot honour yet; one line."""
 
@@ -129,12 +132,19 @@ class LocalEngine:
         return [self._tok.token_to_piece(int(t), special=True) for t in ids]
 
     async def apply_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-                             **kwargs: Any) -> str:
+                             template_kwargs: Mapping[str, Any] | None = None) -> str:
         from ..engine.chat_template import ChatTemplateError
+        kwargs = dict(template_kwargs or {})
+        taken = sorted(set(kwargs) & _TEMPLATE_ARGS)
+        if taken:
+            raise EngineRequestError(f"chat_template_kwargs cannot set {', '.join(taken)}")
         try:
             return await asyncio.to_thread(self._template.render, messages, add_generation_prompt, None, **kwargs)
         except ChatTemplateError as exc:
             raise EngineRequestError(str(exc)) from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            # a template tripping over unusual messages is the request's problem, not the server's
+            raise EngineRequestError(f"chat template error: {type(exc).__name__}: {exc}") from None
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         n = self._info.n_vocab

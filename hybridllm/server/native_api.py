@@ -138,7 +138,7 @@ async def apply_template(request: web.Request) -> web.Response:
     if not isinstance(kwargs, dict):
         raise ApiError("'chat_template_kwargs' must be an object")
     prompt = await engine.apply_template(messages, add_generation_prompt=opt_bool(body, "add_generation_prompt",
-                                                                                    True), **kwargs)
+                                                                                    True), template_kwargs=kwargs)
     return json_response({"prompt": prompt})
 
 
@@ -150,7 +150,7 @@ async def props(request: web.Request) -> web.Response:
     return json_response({
         "default_generation_settings": {"params": _sampling_json(cfg.sampling, cfg.n_predict, [], False),
                                         "n_ctx": info.n_ctx},
-        "total_slots": state.slots.n_idle + state.slots.n_busy if state.slots else cfg.n_parallel,
+        "total_slots": len(state.slots.slots) if state.slots else cfg.n_parallel,
         "model_alias": info.name, "model_path": info.path, "model_ftype": info.ftype,
         "modalities": {"vision": False, "video": False, "audio": False},
         "endpoint_slots": True, "endpoint_props": False, "endpoint_metrics": True,

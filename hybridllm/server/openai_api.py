@@ -130,7 +130,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not isinstance(kwargs, dict):
         raise ApiError("'chat_template_kwargs' must be an object")
     prompt_text = await engine.apply_template(
-        messages, add_generation_prompt=opt_bool(body, "add_generation_prompt", True), **kwargs)
+        messages, add_generation_prompt=opt_bool(body, "add_generation_prompt", True), template_kwargs=kwargs)
     ids = await engine.tokenize(prompt_text, add_special=True, parse_special=True)
     fmt = ChatFormatter(engine.info.name, opts.include_usage)
     return await complete(request, state, gen_request(ids, opts), fmt, stream=opts.stream,

@@ -40,6 +40,8 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
     (CHAT, {"messages": MSG, "logit_bias": {"x": 1}}, "not an integer"),
     (CHAT, {"messages": MSG, "repeat_penalty": 0}, "'repeat_penalty'"),
     (CHAT, {"messages": [{"role": "user", "content": "a\ud800b"}]}, "surrogate"),
+    (CHAT, {"messages": MSG, "chat_template_kwargs": {"messages": []}}, "cannot set messages"),
+    (CHAT, {"messages": MSG, "chat_template_kwargs": [1]}, "must be an object"),
     ("/v1/completions", {}, "'prompt' is required"),
     ("/v1/completions", {"prompt": 5}, "'prompt' must be"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "several prompts"),
