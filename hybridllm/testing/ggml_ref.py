@@ -273,7 +273,7 @@ class GGMLGraph:
             raise RuntimeError(f"ggml_graph_compute failed with status {status}")
         plan = backend.prepare(nodes)
         plan.run()
-        return RunResult(self, backend, buf, nodes, {p: conv.tensor(p) for p in ptrs}, conv, plan)
+        return RunResult(self, backend, buf, nodes, {p: conv.tensor(p) for p in ptrs}, conv, plan, gf, n_threads)
 
 
 class _Converter:
@@ -346,6 +346,21 @@ class RunResult:
     by_ptr: dict[int, Tensor]
     conv: _Converter
     plan: Any
+    graph: int = 0
+    n_threads: int = 1
+
+    def set_input(self, t: GT, data: np.ndarray) -> None:
+        """New values for a leaf, on both sides (then `rerun`)."""
+        self.g.upload(t, data)
+        n = _nbytes(t.type, t.ne, t.nb)
+        self.backend.set(self.buf, t.offset, self.g.mem[t.offset:t.offset + n])
+
+    def rerun(self) -> None:
+        """Compute the same graph again on both sides (GRAPH_RECOMPUTE: our plan is reused as is)."""
+        status = self.g.cpu_lib.ggml_graph_compute_with_ctx(self.g.ctx, self.graph, self.n_threads)
+        if status != 0:
+            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        self.plan.run()
 
     def node(self, t: GT | Tensor) -> Tensor:
         return self.conv.tensor(t.ptr) if isinstance(t, GT) else t
