@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import os
+import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -92,6 +93,15 @@ def run_all(model: Path, tmp: Path, args: argparse.Namespace, prompt: list[int])
     return results
 
 
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _error_line(text: str) -> str:
     """The most telling line of a failure: the worker's own complaint, else the master's abort."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -113,7 +123,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, model: Path) -> di
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "threads": args.threads,
         "master_threads": args.master_threads, "repeat": args.repeat,
         "flash_attn": args.flash_attn, "machine": f"{os.cpu_count()} cores, {platform.machine()}",
-        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2), "commit": _git_commit(),
     }
     for kind in ("peer", "ours"):
         res = results.get(kind)
