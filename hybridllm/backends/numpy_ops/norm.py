@@ -5,12 +5,17 @@ once (sums over the last axis with a float64 accumulator).
 """
 from __future__ import annotations
 
+import functools
+import math
+from typing import Callable
+
 import numpy as np
 
 from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType
 from . import Kernel, register
 from .common import require, view
+from .elementwise import njit_in_place
 
 F32 = np.float32
 F64 = np.float64
@@ -32,15 +37,32 @@ def _sum_sq(x: np.ndarray) -> np.ndarray:
     return np.add.reduce(np.square(x), axis=-1, dtype=F64, keepdims=True)
 
 
+def _rms_norm_rows(x: np.ndarray, y: np.ndarray, eps: np.float32) -> None:  # numba
+    """ggml's loop: float squares summed in double in order, mean and scale in float, y = x * scale."""
+    n3, n2, n1, n0 = x.shape
+    for a in range(n3):
+        for b in range(n2):
+            for c in range(n1):
+                acc = 0.0
+                for i in range(n0):
+                    v = x[a, b, c, i]
+                    acc += np.float64(v * v)
+                scale = np.float32(1) / np.float32(math.sqrt(np.float32(acc / n0) + eps))
+                for i in range(n0):
+                    y[a, b, c, i] = x[a, b, c, i] * scale
+
+
+@functools.cache
+def _rms_norm_kernel() -> Callable[[np.ndarray, np.ndarray, np.float32], None]:
+    njit_in_place(globals(), "_rms_norm_rows")
+    return globals()["_rms_norm_rows"]
+
+
 @register(GGMLOp.RMS_NORM)
 def build_rms_norm(node: Tensor) -> Kernel:
-    x, y, eps, n = _operands(node)
-    one = F32(1)
-
-    def kernel() -> None:
-        mean = (_sum_sq(x) / n).astype(F32)
-        np.multiply(x, one / np.sqrt(mean + eps), out=y)
-    return kernel
+    x, y, eps, _ = _operands(node)
+    rms_norm = _rms_norm_kernel()
+    return lambda: rms_norm(x, y, eps)
 
 
 @register(GGMLOp.NORM)
