@@ -87,6 +87,17 @@ HL_DEV float shfl_xor(float v, int mask) {
 #endif
 }
 
+// Value of `v` in lane `src` of the warp (a broadcast when src is uniform).
+HL_DEV float shfl_idx(float v, int src) {
+#if defined(HL_CUDA)
+    return __shfl_sync(0xffffffffu, v, src, HL_WARP);
+#elif defined(HL_HIP)
+    return __shfl(v, src, HL_WARP);
+#else
+    return emu::shfl_idx(v, src);
+#endif
+}
+
 // Sum/max over groups of W consecutive lanes (W a power of two <= HL_WARP); every lane gets the result.
 template <int W = HL_WARP>
 HL_DEV float warp_sum(float v) {

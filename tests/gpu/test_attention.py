@@ -42,6 +42,8 @@ CASES = {
     "nomask": dict(n_q=2, n_kv=17, H=2, Hkv=2, D=40, mask=False),
     "head256": dict(n_q=1, n_kv=9, H=1, Hkv=1, D=256),
     "head512": dict(n_q=1, n_kv=5, H=1, Hkv=1, D=320),
+    "f32-cache": dict(n_q=2, n_kv=37, H=2, Hkv=1, D=24, kv=F32),
+    "long": dict(n_q=1, n_kv=300, H=2, Hkv=1, D=16),
 }
 
 
@@ -52,8 +54,10 @@ def test_flash_attn(gpu, case, rng):
     softcap, max_bias = c.get("softcap", 0.0), c.get("max_bias", 0.0)
     n_ctx = n_kv + 5  # cache longer than the attended window
     q = rng.standard_normal((n_q, H, D)).astype(np.float32)  # stored (D, H, n_q): a projection's layout
-    kc = rng.standard_normal((n_ctx, Hkv, D)).astype(np.float16)
-    vc = rng.standard_normal((n_ctx, Hkv, D)).astype(np.float16)
+    kv, kdt = c.get("kv", F16), (np.float16 if c.get("kv", F16) == F16 else np.float32)
+    es = np.dtype(kdt).itemsize
+    kc = rng.standard_normal((n_ctx, Hkv, D)).astype(kdt)
+    vc = rng.standard_normal((n_ctx, Hkv, D)).astype(kdt)
     mask = np.zeros((n_q + 3, n_kv), dtype=np.float32)
     for i in range(n_q):  # causal over the last n_q positions, plus one hole
         mask[i, n_kv - n_q + i + 1:] = -np.inf
@@ -64,12 +68,12 @@ def test_flash_attn(gpu, case, rng):
 
     def build(g):
         tq = g.tensor(F32, (D, H, n_q), q)
-        tk = g.tensor(F16, (D, Hkv, n_ctx), kc)
-        tv = g.tensor(F16, (D, Hkv, n_ctx), vc)
+        tk = g.tensor(kv, (D, Hkv, n_ctx), kc)
+        tv = g.tensor(kv, (D, Hkv, n_ctx), vc)
         # permute(0, 2, 1, 3) views: (D, tokens, heads)
         vq = g.view(tq, (D, n_q, H, 1), (4, 4 * D * H, 4 * D, 4 * D * H * n_q), op=GGMLOp.PERMUTE)
-        vk = g.view(tk, (D, n_kv, Hkv, 1), (2, 2 * D * Hkv, 2 * D, 2 * D * Hkv * n_ctx), op=GGMLOp.PERMUTE)
-        vv = g.view(tv, (D, n_kv, Hkv, 1), (2, 2 * D * Hkv, 2 * D, 2 * D * Hkv * n_ctx), op=GGMLOp.PERMUTE)
+        vk = g.view(tk, (D, n_kv, Hkv, 1), (es, es * D * Hkv, es * D, es * D * Hkv * n_ctx), op=GGMLOp.PERMUTE)
+        vv = g.view(tv, (D, n_kv, Hkv, 1), (es, es * D * Hkv, es * D, es * D * Hkv * n_ctx), op=GGMLOp.PERMUTE)
         tm = g.tensor(F16, (n_kv, n_q + 3), mask.astype(np.float16)) if use_mask else None
         ts = g.tensor(F32, (H,), sinks) if use_sinks else None
         return [g.node(GGMLOp.FLASH_ATTN_EXT, F32, (D, H, n_q, 1), [vq, vk, vv, tm, ts],

@@ -40,8 +40,11 @@ def build_flash_attn(node: Tensor, ctx: BuildCtx):
     if softcap != 0.0:
         scale /= softcap
     m0, m1, h2 = alibi(H, max_bias)
+    # 16-byte loads of K rows when every row start is aligned (always so for an F16 cache, D % 8 == 0)
+    kvec = k.type == GGMLType.F16 and D % 8 == 0 and (int(ctx.ptr(k)) | k.nb[1] | k.nb[2] | k.nb[3]) % 16 == 0
     args = (ctx.ptr(q), ctx.ptr(k), ctx.ptr(v), ctx.ptr(mask), ctx.ptr(sinks), ctx.ptr(node),
-            I32(k.type), I32(v.type), I32(mask.type if mask is not None else -1), I32(D), I32(Dv), I32(n_kv),
+            I32(k.type), I32(v.type), I32(mask.type if mask is not None else -1), I32(kvec), I32(D), I32(Dv),
+            I32(n_kv),
             I32(H // k.ne[2]), I32(S // k.ne[3]), I32(H // v.ne[2]), I32(S // v.ne[3]),
             I64(q.nb[1]), I64(q.nb[2]), I64(q.nb[3]), I64(k.nb[1]), I64(k.nb[2]), I64(k.nb[3]),
             I64(v.nb[1]), I64(v.nb[2]), I64(v.nb[3]), *margs, F32(scale), F32(max_bias), F32(m0), F32(m1),

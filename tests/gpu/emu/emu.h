@@ -100,10 +100,11 @@ inline int linear_tid(const Thread* t) {
 }
 
 template <class T>
-inline T shfl_xor(T v, int mask) {
+inline T shfl_lane(T v, int src_lane) {
     static_assert(sizeof(T) <= 8, "shuffle of a wide type");
     const int me = linear_tid(cur), lane = me % HL_WARP;
-    const int src = me - lane + (lane ^ mask);
+    if (src_lane < 0 || src_lane >= HL_WARP) fail("shuffle source lane out of range");
+    const int src = me - lane + src_lane;
     uint64_t bits = 0;
     memcpy(&bits, &v, sizeof(T));
     // Two slot banks used alternately: a lane can only reuse a bank after passing the next shuffle's
@@ -120,6 +121,11 @@ inline T shfl_xor(T v, int mask) {
     memcpy(&out, &got, sizeof(T));
     return out;
 }
+
+template <class T>
+inline T shfl_xor(T v, int mask) { return shfl_lane(v, (linear_tid(cur) % HL_WARP) ^ mask); }
+template <class T>
+inline T shfl_idx(T v, int src) { return shfl_lane(v, src); }
 
 inline void entry(int idx) {
     cur = &threads[idx];
