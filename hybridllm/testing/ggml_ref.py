@@ -27,7 +27,7 @@ import numpy as np
 
 from ..backends.base import Backend, Buffer
 from ..ggml.tensor import Tensor
-from ..ggml.types import GGMLOp, GGMLType, TRAITS, TensorFlag, VIEW_OPS, type_name
+from ..ggml.types import TRAITS, VIEW_OPS, GGMLOp, GGMLType, type_name
 from .peer import load_peer
 
 # struct ggml_tensor layout (ggml.h, 64-bit): checked against the header in tests/ops/test_oracle.py.

@@ -46,7 +46,7 @@ def _fa_reference(res, q, k, v, m, scale, softcap=0.0, sinks=None, q_f16=False):
     if q_f16:
         qv = qv.astype(np.float16).astype(np.float64)
     kv, vv = res.ref(k), res.ref(v)               # (S, H_kv, n_kv, D)
-    S, H, n_q, _ = qv.shape
+    H, n_q = qv.shape[1], qv.shape[2]
     rk = H // kv.shape[1]
     kk = np.repeat(kv, rk, axis=1)
     vv = np.repeat(vv, H // vv.shape[1], axis=1)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hybridllm.ggml.types import GGMLType as T, GluOp, UnaryOp
+from hybridllm.ggml.types import GGMLType as T
+from hybridllm.ggml.types import GluOp, UnaryOp
 
 F16_GRID = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 

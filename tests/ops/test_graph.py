@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hybridllm.ggml.types import GGMLType as T, GluOp, RopeMode
+from hybridllm.ggml.types import GGMLType as T
+from hybridllm.ggml.types import GluOp, RopeMode
 
 E, H, HKV, HD, FF, NCTX = 640, 4, 1, 256, 2048, 512
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hybridllm.ggml.types import GGMLType as T, RopeMode
+from hybridllm.ggml.types import GGMLType as T
+from hybridllm.ggml.types import RopeMode
 
 
 def _x(g, rng, typ, ne):

@@ -40,7 +40,7 @@ def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
     """Per-head ALiBi slope as ggml computes it in float (1 for every head when max_bias is 0)."""
     if max_bias <= 0:
         return np.ones(n_head, F32)
-    n_log2 = 1 << int(math.floor(math.log2(n_head)))
+    n_log2 = 1 << math.floor(math.log2(n_head))
     m0 = F32(2.0 ** float(F32(-max_bias) / F32(n_log2)))
     m1 = F32(2.0 ** float(F32(-max_bias / 2.0) / F32(n_log2)))
     h = np.arange(n_head)
@@ -177,7 +177,7 @@ def _fa_operands(node: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, T
 @register(GGMLOp.FLASH_ATTN_EXT)
 def build_flash_attn_ext(node: Tensor) -> Kernel:
     q, k, v, mask, sinks = _fa_operands(node)
-    D, n_q, H, S = q.ne
+    _, n_q, H, S = q.ne
     n_kv, hk, sk = k.ne[1], k.ne[2], k.ne[3]
     tiled = (k.type == v.type and k.type in (GGMLType.F32, GGMLType.F16) and n_q >= FA_TILE_Q)
     if GGML_F16_ACCUMULATOR and not tiled and k.type == v.type == GGMLType.F16:
@@ -247,7 +247,7 @@ def _attend(node: Tensor, H: int, S: int, hk: int, sk: int, read_k: Callable[[sl
 
 def _mask_layout(mask: np.ndarray, shape: tuple[int, int, int, int], sk: int, hk: int) -> np.ndarray:
     """A float32 mask (m3, m2, n_q, n) in the score layout (sk, r3, hk, n, r2, n_q) (broadcastable)."""
-    S, H, n_q, n = shape
+    _, _, n_q, n = shape
     if mask.shape[0] == 1 and mask.shape[1] == 1:   # one mask for all heads and sequences: no copy
         return mask[0, 0].T.reshape(1, 1, 1, n, 1, n_q)
     full = np.broadcast_to(_bcast(mask, shape), shape)
@@ -395,7 +395,7 @@ def f16_accumulator_kernel(node: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: 
                            sinks: Tensor | None) -> Kernel:
     """FLASH_ATTN_EXT for F16 K/V on ggml's row path, replayed exactly (see the module docstring)."""
     rows, lut = _f16_kernels()
-    D, n_q, H, S = q.ne
+    _, n_q, H, S = q.ne
     n_kv = k.ne[1]
     scale, max_bias, softcap = F32(node.param_f32(0)), float(node.param_f32(1)), F32(node.param_f32(2))
     if softcap != 0:

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from ...ggml.tensor import Tensor
-from ...ggml.types import GGMLOp, GGMLType, TRAITS, type_name
+from ...ggml.types import TRAITS, GGMLOp, GGMLType, type_name
 from ..base import Unsupported
 from . import Kernel, register
 from .common import bf16_to_f32, f32_to_bf16, require, rows_view, storage, view
