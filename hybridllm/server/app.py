@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Awaitable, Callable
+import threading
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -102,8 +103,16 @@ async def serve(state: ServerState, host: str, port: int, load: Callable[[], Eng
     log.info("listening on http://%s:%d (loading %s)", host, port, state.config.model_path)
     engine: Engine | None = None
     try:
+        loading = _in_daemon_thread(load)
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():  # stopped while loading: the daemon thread dies with the process
+            log.info("stopped while loading")
+            loading.add_done_callback(_close_late_engine)
+            return 0
+        stopping.cancel()
         try:
-            engine = await asyncio.to_thread(load)
+            engine = loading.result()
         except Exception as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             state.set_load_error(f"failed to load the model: {message}")
@@ -120,3 +129,35 @@ async def serve(state: ServerState, host: str, port: int, load: Callable[[], Eng
         await runner.cleanup()
         if engine is not None:
             await engine.close()
+
+
+def _in_daemon_thread(fn: Callable[[], Engine]) -> asyncio.Future[Engine]:
+    """Run fn in a daemon thread (not the default executor, which asyncio.run joins at exit: a server
+    stopped while a big model loads must not wait for the load to finish)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Engine] = loop.create_future()
+
+    def settle(result: Engine | None, exc: BaseException | None) -> None:
+        if fut.cancelled():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as e:  # noqa: BLE001 - handed to the loop
+            result, exc = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop is gone (server stopped meanwhile)
+            pass
+    threading.Thread(target=work, name="hybridllm-load", daemon=True).start()
+    return fut
+
+
+def _close_late_engine(fut: asyncio.Future[Engine]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        asyncio.ensure_future(fut.result().close())

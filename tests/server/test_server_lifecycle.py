@@ -5,6 +5,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -166,3 +167,19 @@ def _healthy(url: str) -> bool:
         return http_json("GET", url + "/health", timeout=2)[0] == 200
     except OSError:
         return False
+
+
+def test_stop_while_loading(synth_model: Path) -> None:
+    gate = threading.Event()
+
+    def load() -> LocalEngine:
+        gate.wait(60)
+        return LocalEngine.load(synth_model, n_ctx=256)
+    srv = _InProcess(ServerState(ServerConfig(model_path=str(synth_model))), load)
+    try:
+        assert http_json("GET", srv.url + "/health")[0] == 503
+        t0 = time.monotonic()
+        assert srv.stop() == 0
+        assert time.monotonic() - t0 < 5  # did not wait for the load
+    finally:
+        gate.set()
