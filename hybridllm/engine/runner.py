@@ -5,9 +5,10 @@ allocated and prepared once and then reused: later calls only write the input te
 positions, KV indices, masks) and run the prepared plan. Decoding one token at a time therefore
 re-runs the same graph until the KV view grows by another 256 cells, as llama.cpp's graph reuse does.
 
-    runner = load("model.gguf", n_ctx=4096)
+    runner = load("model.gguf", n_ctx=4096)    # or hybridllm.load(...)
     logits = runner.decode(prompt_ids)        # (1, n_vocab) for the last token
     logits = runner.decode([next_id])
+    text = runner.generate("The capital of France is", n_predict=16)
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ class ModelRunner:
         self.n_ctx = self.kv.base.size
         self.n_past = 0
         self._graphs: OrderedDict[tuple, _Prepared] = OrderedDict()
+        self._tokenizer = None
         self.stats = Stats()
 
     # --- public API ------------------------------------------------------------------------------
@@ -117,6 +119,36 @@ class ModelRunner:
             if out_rows.size:
                 outs.append(logits)
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]
+        """The model's tokenizer (hybridllm.engine.tokenizer), built on first use."""
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.from_gguf(self.metadata)
+        return self._tokenizer
+
+    def generate(self, prompt: str, n_predict: int = 64, *, temperature: float = 0.0, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, seed: int = 0, reset: bool = True) -> str:
+        """Text continuation of `prompt` (greedy by default), stopping at an end-of-generation token."""
+        from .sampler import Sampler, SamplerParams
+        tok = self.tokenizer
+        if reset:
+            self.reset()
+        sampler = Sampler(SamplerParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                        seed=seed), self.n_vocab)
+        ids = tok.tokenize(prompt, add_special=self.n_past == 0, parse_special=True)
+        sampler.accept_many(ids)
+        logits, out = self.decode(ids)[0], []
+        while len(out) < n_predict:
+            t = sampler.sample(logits)
+            if tok.is_eog(t):
+                break
+            out.append(t)
+            if len(out) == n_predict or self.n_past >= self.n_ctx:
+                break
+            logits = self.decode([t])[0]
+        return tok.detokenize(out).decode("utf-8", errors="replace")
 
     def reset(self) -> None:
         """Forget the sequence (the cache contents stay; their cells are marked empty)."""
@@ -199,7 +231,7 @@ class ModelRunner:
         put = self._put
         inp = ctx.inputs
         put(inp["tokens"], tokens.astype(np.int32))
-        put(inp["pos"], positions.astype(np.int32))
+        put(inp["pos"], self.model.positions(positions).astype(np.int32))
         put(inp["out_ids"], out_rows.astype(np.int32))
         if "scale_rows" in inp:
             put(inp["scale_rows"], np.full(tokens.size, ctx.tok_scale, dtype=np.float32))

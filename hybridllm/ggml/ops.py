@@ -759,6 +759,50 @@ def rope(a: Tensor, b: Tensor, n_dims: int, mode: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
+# vision-tower building blocks (qwen3vl mmproj)
+
+def _conv_out(ins: int, ks: int, s: int, p: int, d: int) -> int:
+    return (ins + 2 * p - d * (ks - 1) - 1) // s + 1
+
+
+def im2col(a: Tensor, b: Tensor, s0: int, s1: int, p0: int, p1: int, d0: int, d1: int, is_2d: bool,
+           dst_type: int) -> Tensor:
+    """Kernel a (KW, KH, IC, OC) only gives the shape; b is the image (IW, IH, IC, N)."""
+    if is_2d:
+        _check(a.ne[2] == b.ne[2], "im2col: channel mismatch")
+    else:
+        _check(b.ne[1] == a.ne[1] and b.ne[3] == 1, "im2col 1d shapes")
+    oh = _conv_out(b.ne[1], a.ne[1], s1, p1, d1) if is_2d else 0
+    ow = _conv_out(b.ne[0], a.ne[0], s0, p0, d0)
+    _check((not is_2d or oh > 0) and ow > 0, "im2col: image smaller than the kernel")
+    ne = (a.ne[2] * a.ne[1] * a.ne[0] if is_2d else a.ne[1] * a.ne[0], ow, oh if is_2d else b.ne[2],
+          b.ne[3] if is_2d else 1)
+    return _set_op(_new(dst_type, ne), GGMLOp.IM2COL, a, b,
+                   params=_params(s0, s1, p0, p1, d0, d1, 1 if is_2d else 0))
+
+
+def conv_2d(a: Tensor, b: Tensor, s0: int, s1: int, p0: int, p1: int, d0: int, d1: int) -> Tensor:
+    """ggml_conv_2d: IM2COL -> MUL_MAT -> reshape -> permute -> cont."""
+    col = im2col(a, b, s0, s1, p0, p1, d0, d1, True,
+                 GGMLType.F32 if a.type == GGMLType.BF16 else GGMLType.F16)
+    r = mul_mat(reshape_2d(col, col.ne[0], col.ne[3] * col.ne[2] * col.ne[1]),
+                reshape_2d(a, a.ne[0] * a.ne[1] * a.ne[2], a.ne[3]))
+    r = reshape_4d(r, col.ne[1], col.ne[2], col.ne[3], a.ne[3])
+    return cont(permute(r, 0, 1, 3, 2))
+
+
+def interpolate(a: Tensor, ne0: int, ne1: int, ne2: int, ne3: int, mode: int) -> Tensor:
+    """UPSCALE to an explicit shape; mode = ggml_scale_mode | flags (0 nearest, 1 bilinear, ...)."""
+    _check(a.type == GGMLType.F32, "interpolate needs F32")
+    return _set_op(_new(a.type, (ne0, ne1, ne2, ne3)), GGMLOp.UPSCALE, a, params=_params(int(mode)))
+
+
+def upscale(a: Tensor, scale_factor: int, mode: int) -> Tensor:
+    _check(scale_factor > 1, "upscale factor must be > 1")
+    return interpolate(a, a.ne[0] * scale_factor, a.ne[1] * scale_factor, a.ne[2], a.ne[3], mode)
+
+
+# ------------------------------------------------------------------------------------------------
 # graphs
 
 class Graph:

@@ -219,6 +219,17 @@ class Model(ABC):
                       type_v=type_v, n_swa=n_swa)
         return KVCacheISWA(base, swa)
 
+    def positions(self, pos: np.ndarray) -> np.ndarray:
+        """The `inp_pos` values for text tokens at these positions: one per token, or for M-RoPE
+        (n_pos_per_embd == 4) section-major [p..., p..., p..., 0...] as llama_batch_allocr expands them."""
+        if self.n_pos_per_embd == 1:
+            return pos
+        n = self.n_pos_per_embd
+        out = np.zeros(n * pos.size, dtype=pos.dtype)
+        for j in range(min(3, n)):
+            out[j * pos.size:(j + 1) * pos.size] = pos
+        return out
+
     def output_weight(self) -> Tensor:
         """`output.weight`, or the token embeddings when tied (llama.cpp's TENSOR_DUPLICATED)."""
         out = self.w("output.weight")

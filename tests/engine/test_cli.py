@@ -58,3 +58,17 @@ def test_run_context_overflow_is_one_line(model: Path) -> None:
     proc = _run(["run", str(model), "-p", "hello " * 300, "-n", "4", "--ctx", "256"])
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "context" in proc.stderr
+
+
+def test_python_api_generate(model: Path) -> None:
+    import hybridllm
+    runner = hybridllm.load(model, n_ctx=256)
+    text = runner.generate("hello world", n_predict=6)
+    ids = runner.tokenizer.tokenize("hello world", add_special=True, parse_special=True)
+    runner.reset()
+    out = [int(np.argmax(runner.decode(ids)[0]))]
+    while len(out) < 6 and not runner.tokenizer.is_eog(out[-1]):
+        out.append(int(np.argmax(runner.decode([out[-1]])[0])))
+    out = [t for t in out if not runner.tokenizer.is_eog(t)]
+    assert text == runner.tokenizer.detokenize(out).decode("utf-8", "replace")
+    assert runner.generate("hello world", n_predict=6) == text  # reset=True starts over

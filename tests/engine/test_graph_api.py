@@ -32,6 +32,7 @@ SIGS = {
     "pad_ext": "tiiiiiiii", "fill": "tf", "arange": "fff", "mul_mat": "tt", "mul_mat_id": "ttt",
     "get_rows": "tt", "set_rows": "ttt", "soft_max": "t", "soft_max_ext": "ttff",
     "rope_ext": "tttiiiffffff", "rope_multi": "tttiaiiffffff", "flash_attn_ext": "ttttfff",
+    "im2col": "ttiiiiiibi", "conv_2d": "ttiiiiii", "interpolate": "tlllli", "upscale": "tii",
     "nc:flash_attn_ext_set_prec": "ti", "nc:flash_attn_ext_add_sinks": "tt", "nc:soft_max_add_sinks": "tt",
     **{n: "t" for n in ("sqr", "sqrt", "log", "sin", "cos", "tanh", "silu", "gelu", "gelu_erf", "gelu_quick",
                          "sigmoid", "relu", "exp", "neg", "softplus", "expm1", "hardswish", "abs")},
@@ -239,6 +240,16 @@ def test_attention_ops(p: Pair) -> None:
     sm = p("soft_max_ext", kq, mask, 1.0, 0.0)
     p("soft_max_add_sinks", sm, sinks)
     p.check(sm)
+
+
+def test_vision_ops(p: Pair) -> None:
+    kernel = p.new(F16, 14, 14, 3, 32)
+    image = p.new(F32, 56, 42, 3, 1)
+    p.check(p("im2col", kernel, image, 14, 14, 0, 0, 1, 1, True, int(F16)))
+    p.check(p("conv_2d", kernel, image, 14, 14, 0, 0, 1, 1))
+    grid = p.new(F32, 6, 4, 8)
+    p.check(p("interpolate", grid, 9, 7, 8, 1, 1 | (1 << 8)))
+    p.check(p("upscale", grid, 2, 0))
 
 
 def test_rejects_what_ggml_asserts() -> None:
