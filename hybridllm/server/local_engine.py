@@ -86,6 +86,9 @@ class LocalEngine:
         if slot_ctx < 8:
             first.close()
             raise ValueError(f"--ctx {n_ctx_total} over --parallel {n_parallel} leaves {slot_ctx} tokens a slot")
+        if n_ctx_total > first.hp.n_ctx_train:
+            log.warning("--ctx %d is beyond the model's training context of %d tokens", n_ctx_total,
+                        first.hp.n_ctx_train)
         runners = [_with_ctx(first, slot_ctx, ModelRunner)]
         if runners[0] is not first:
             _free_runner(first, with_model=False)
