@@ -183,3 +183,13 @@ def test_stop_while_loading(synth_model: Path) -> None:
         assert time.monotonic() - t0 < 5  # did not wait for the load
     finally:
         gate.set()
+
+
+def test_engine_context_split_and_alias(synth_model: Path) -> None:
+    """--ctx 0 is the training context (512 for the synthetic model), split over the slots."""
+    engine = LocalEngine.load(synth_model, n_ctx=0, n_parallel=2, name="my-model")
+    try:
+        assert engine.n_slots == 2 and engine.info.n_ctx == 256 and engine.info.n_ctx_train == 512
+        assert engine.info.name == "my-model"
+    finally:
+        asyncio.run(engine.close())
