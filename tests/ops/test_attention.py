@@ -151,3 +151,14 @@ def test_flash_attn_ext_sliding_window_and_empty_mask(g, rng, window):
     sunk = g.flash_attn_ext(q, k, v, m, 0.2, 0.0, 0.0)
     g.flash_attn_ext_add_sinks(sunk, g.new(T.F32, (H,), rng.standard_normal(H)))
     g.run(out, sunk).assert_close(rtol=3e-3, atol=3e-3)
+
+
+def test_flash_attn_ext_query_blocks(g, rng, monkeypatch):
+    """Long prompts are processed in query blocks (bounded score memory); results must not change."""
+    from hybridllm.backends.numpy_ops import attention
+    monkeypatch.setattr(attention, "FA_SCORES_BYTES", 4 * 96 * 4 * 5)     # 5 queries per block
+    n_q, n_kv = 70, 96
+    q, k, v, _ = _fa_inputs(g, rng, 32, 32, n_q, n_kv, 4, 2, 1, T.F16, mask=False)
+    causal = np.where(np.arange(n_kv)[None, :] <= np.arange(n_q)[:, None] + 20, 0.0, -np.inf)
+    out = g.flash_attn_ext(q, k, v, g.new(T.F16, (n_kv, n_q), causal), 0.2, 0.0, 0.0)
+    g.run(out).assert_close(rtol=2e-5, atol=2e-6)                     # n_q >= 64: ggml's F32 tiled path

@@ -32,6 +32,7 @@ F32 = np.float32
 F64 = np.float64
 FA_TILE_Q = 64   # ggml's GGML_FA_TILE_Q: from this many queries on, its kernel keeps Q in F32
 FA_SPLIT_KV = 512  # ggml splits a single query's KV range across threads from this many entries on
+FA_SCORES_BYTES = 32 << 20   # bound on the score matrix of one query block (long prompts)
 GGML_F16_ACCUMULATOR = os.environ.get("HYBRIDLLM_FA_F16_ACC", "") == "1"
 GGML_THREADS = 1
 
@@ -185,25 +186,31 @@ def build_flash_attn_ext(node: Tensor) -> Kernel:
     read_q, round_q = view(q), _q_rounder(k, tiled)
     read_mask = mask_reader(mask, n_q) if mask is not None else None
     attend = _attend(node, H, S, hk, sk, _kv_reader(k), _kv_reader(v), sinks)
-    everything = slice(0, n_kv)
+    # queries go in blocks so that the float32 scores stay below FA_SCORES_BYTES
+    block = max(1, FA_SCORES_BYTES // (4 * max(1, n_kv) * H * S))
+    blocks = [(q0, min(n_q, q0 + block)) for q0 in range(0, n_q, block)]
 
     def kernel() -> None:
         qv = round_q(read_q)
-        if read_mask is None:
-            return attend(qv, everything, None)
-        m = read_mask()
-        # only KV entries some query can see: the padded tail (and a sliding window's head) are -inf
-        live = np.flatnonzero((m != -np.inf).any(axis=(0, 1, 2)))
-        lo, hi = (int(live[0]), int(live[-1]) + 1) if live.size else (0, 0)
-        attend(qv, slice(lo, hi), m[..., lo:hi])
+        m = read_mask() if read_mask is not None else None
+        for q0, q1 in blocks:
+            if m is None:
+                attend(qv[:, :, q0:q1], q0, slice(0, n_kv), None)
+                continue
+            mb = m[:, :, q0:q1]
+            # only KV entries these queries can see: the padded tail (and a sliding window's head) are -inf
+            live = np.flatnonzero((mb != -np.inf).any(axis=(0, 1, 2)))
+            lo, hi = (int(live[0]), int(live[-1]) + 1) if live.size else (0, 0)
+            attend(qv[:, :, q0:q1], q0, slice(lo, hi), mb[..., lo:hi])
     return kernel
 
 
 def _attend(node: Tensor, H: int, S: int, hk: int, sk: int, read_k: Callable[[slice], np.ndarray],
             read_v: Callable[[slice], np.ndarray], sinks: Tensor | None
-            ) -> Callable[[np.ndarray, slice, np.ndarray | None], None]:
-    """softmax(scale * Q K^T + slope * mask) V for the KV range `sl`, written to the node (S, n_q, H, Dv)."""
-    Dv, _, n_q, _ = node.ne
+            ) -> Callable[[np.ndarray, int, slice, np.ndarray | None], None]:
+    """softmax(scale * Q K^T + slope * mask) V over the KV range `sl` for queries q0.. (those of `qv`),
+    written to their rows of the node (S, n_q, H, Dv)."""
+    Dv = node.ne[0]
     r3, r2 = S // sk, H // hk
     scale, max_bias, softcap = F32(node.param_f32(0)), float(node.param_f32(1)), F32(node.param_f32(2))
     if softcap != 0:
@@ -211,10 +218,11 @@ def _attend(node: Tensor, H: int, S: int, hk: int, sk: int, read_k: Callable[[sl
     slopes = _per_head(alibi_slopes(H, max_bias), hk)
     sink_v = _per_head(view(sinks)[0, 0, 0, :H], hk) if sinks is not None else None
     # (S, H, n_q, Dv) over dst (S, n_q, H, Dv), split by kv head: (sk, r3, hk, r2, n_q, Dv)
-    out = _split_heads(view(node).transpose(0, 2, 1, 3), sk, hk)
+    out_all = _split_heads(view(node).transpose(0, 2, 1, 3), sk, hk)
 
-    def attend(qv: np.ndarray, sl: slice, mask: np.ndarray | None) -> None:
-        n = sl.stop - sl.start
+    def attend(qv: np.ndarray, q0: int, sl: slice, mask: np.ndarray | None) -> None:
+        n, n_q = sl.stop - sl.start, qv.shape[2]
+        out = out_all[:, :, :, :, q0:q0 + n_q]
         if n == 0:                        # nothing visible: ggml's sums are 0 and so is the output
             out[...] = 0
             return

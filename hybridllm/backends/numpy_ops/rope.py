@@ -125,9 +125,10 @@ class _Rope:
         key = (self.key, self.pos.tobytes(), None if self.ff is None else self.ff.tobytes())
         hit = _TABLES.get(key)
         if hit is None:
-            if len(_TABLES) >= 64:
+            hit = self._cos_sin()
+            if len(_TABLES) >= 64 or sum(c.nbytes * 2 for c, _ in _TABLES.values()) > _TABLES_BYTES:
                 _TABLES.clear()
-            hit = _TABLES[key] = self._cos_sin()
+            _TABLES[key] = hit
         return hit
 
     def _cos_sin(self) -> tuple[np.ndarray, np.ndarray]:
@@ -150,6 +151,7 @@ class _Rope:
 
 
 _TABLES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_TABLES_BYTES = 64 << 20   # long prompts make big tables: keep the shared cache bounded
 
 
 def _rotate(x, y, cos, sin, first, step, partner):  # numba
