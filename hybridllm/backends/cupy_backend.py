@@ -72,7 +72,8 @@ class CupyRuntime:
     def alloc(self, size: int) -> Any | None:
         cp = self._cp
         try:
-            mem = cp.cuda.Memory(size) if size else None  # plain cudaMalloc, not CuPy's pool
+            with self.device:  # CUDA's current device is per thread; callers may be on any thread
+                mem = cp.cuda.Memory(size) if size else None  # plain cudaMalloc, not CuPy's pool
         except Exception:  # out of memory is a CUDARuntimeError / OutOfMemoryError
             return None
         if mem is None:
@@ -83,45 +84,57 @@ class CupyRuntime:
         return int(mem.data.ptr)
 
     def memory(self) -> tuple[int, int]:
-        free, total = self._rt.memGetInfo()
+        with self.device:
+            free, total = self._rt.memGetInfo()
         return int(free), int(total)
 
     def upload(self, ptr: int, data: np.ndarray) -> None:
         # pageable source: staged before the call returns, ordered after earlier kernels on the stream
-        self._rt.memcpyAsync(ptr, data.ctypes.data, data.nbytes, self._rt.memcpyHostToDevice,
-                             self.stream.ptr)
+        with self.device:
+            self._rt.memcpyAsync(ptr, data.ctypes.data, data.nbytes, self._rt.memcpyHostToDevice,
+                                 self.stream.ptr)
 
     def download(self, ptr: int, size: int) -> bytes:
         out = np.empty(size, dtype=np.uint8)
-        self._rt.memcpyAsync(out.ctypes.data, ptr, size, self._rt.memcpyDeviceToHost, self.stream.ptr)
-        self.stream.synchronize()
+        with self.device:
+            self._rt.memcpyAsync(out.ctypes.data, ptr, size, self._rt.memcpyDeviceToHost, self.stream.ptr)
+            self.stream.synchronize()
         return out.tobytes()
 
     def memset(self, ptr: int, value: int, size: int) -> None:
-        self._rt.memsetAsync(ptr, value, size, self.stream.ptr)
+        with self.device:
+            self._rt.memsetAsync(ptr, value, size, self.stream.ptr)
 
     def copy(self, dst: int, src: int, size: int) -> None:
-        self._rt.memcpyAsync(dst, src, size, self._rt.memcpyDeviceToDevice, self.stream.ptr)
+        with self.device:
+            self._rt.memcpyAsync(dst, src, size, self._rt.memcpyDeviceToDevice, self.stream.ptr)
 
     def function(self, module: str, name: str) -> Any:
-        return self.kernels.function(module, name)
+        with self.device:  # modules load into the current device's context
+            return self.kernels.function(module, name)
 
     def run(self, launches: Sequence[Launch]) -> None:
         s = self.stream
-        for fn, grid, block, args, smem in launches:
-            fn(grid, block, args, shared_mem=smem, stream=s)
+        with self.device:
+            for fn, grid, block, args, smem in launches:
+                fn(grid, block, args, shared_mem=smem, stream=s)
 
     def capture(self, launches: Sequence[Launch]) -> Callable[[], None] | None:
         if self.is_hip:  # CuPy has no stream capture on HIP
             return None
-        s = self.stream
-        s.begin_capture()
-        try:
-            for fn, grid, block, args, smem in launches:
-                fn(grid, block, args, shared_mem=smem, stream=s)
-        finally:
-            graph = s.end_capture()
-        return lambda: graph.launch(s)
+        s, dev = self.stream, self.device
+        with dev:
+            s.begin_capture()
+            try:
+                for fn, grid, block, args, smem in launches:
+                    fn(grid, block, args, shared_mem=smem, stream=s)
+            finally:
+                graph = s.end_capture()
+
+        def replay() -> None:
+            with dev:
+                graph.launch(s)
+        return replay
 
     def synchronize(self) -> None:
         self.stream.synchronize()
