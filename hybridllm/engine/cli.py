@@ -17,6 +17,7 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
+from ..backends.base import ComputeError
 from ..cli import CliError
 from .gguf_file import GGUFError, GGUFFile
 from .kv_cache import ContextOverflow, pad
@@ -154,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         emit(prompt)
         t = generate(runner, tokenizer, sampler, ids, args.n_predict, emit, special=not args.no_special)
         _print_timings(t, sys.stderr)
-    except ContextOverflow as exc:
+    except (*_USER_ERRORS, ComputeError) as exc:  # e.g. an op the device lacks, found at the first graph
         raise CliError(str(exc)) from None
     return 0
 
@@ -285,7 +286,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.n_prompt + 2 > runner.n_ctx or args.n_gen + 2 > runner.n_ctx:
             raise CliError(f"-p/-n do not fit the context of {runner.n_ctx}")
         results = bench(runner, args.n_prompt, args.n_gen, args.repetitions)
-    except ContextOverflow as exc:
+    except (*_USER_ERRORS, ComputeError) as exc:
         raise CliError(str(exc)) from None
     st = runner.stats
     model = {"model": Path(args.model).name, "arch": runner.hp.arch, "size": runner.model.weights.nbytes,

@@ -132,3 +132,22 @@ def test_long_context_iswa(root: Path) -> None:
     out = runner.decode([1, 2, 3])
     assert out.shape == (1, runner.n_vocab) and np.isfinite(out).all()
     runner.close()
+
+
+def test_unsupported_op_is_one_line_engine_error(root: Path) -> None:
+    from hybridllm.backends.base import Unsupported
+    from hybridllm.engine.runner import EngineError
+
+    class NoFlashAttn(NumpyBackend):
+        def prepare(self, nodes):  # type: ignore[no-untyped-def]
+            if any(n.op.name == "FLASH_ATTN_EXT" for n in nodes):
+                raise Unsupported("op FLASH_ATTN_EXT is not implemented on this device")
+            return super().prepare(nodes)
+
+    path = model_path(root, "llama", "q8_0")
+    runner = load(path, device=NoFlashAttn(), n_ctx=256)
+    with pytest.raises(EngineError) as exc:
+        runner.decode([1, 2, 3])
+    assert "FLASH_ATTN_EXT" in str(exc.value) and "\n" not in str(exc.value)
+    ok = load(path, device=NoFlashAttn(), n_ctx=256, flash_attn=False)   # the KQ/softmax path works
+    assert np.isfinite(ok.decode([1, 2, 3])).all()
