@@ -31,24 +31,24 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export HYBRIDLLM_CACHE_DIR=/tmp/hybridllm-cache
 export HYBRIDLLM_GPU_EMU=""   # real device only; the emulator variants run in CI
 
-step env 60 bash -c 'nvidia-smi; nvcc --version; python3 -c "import sys, numpy, cupy; print(sys.version);
+step env 30 bash -c 'nvidia-smi; nvcc --version; python3 -c "import sys, numpy, cupy; print(sys.version);
 print(\"numpy\", numpy.__version__, \"cupy\", cupy.__version__); print(cupy.cuda.Device().attributes[\"WarpSize\"])"'
 
 # First start compiles every kernel module (NVRTC) into the cache; the second must only load it.
-step kernels_cold 300 python3 -c "
+step kernels_cold 150 python3 -c "
 import time
 from hybridllm.backends.cupy_backend import CupyRuntime
 t = time.perf_counter(); CupyRuntime(0).kernels.preload()
 print('compile+load s', round(time.perf_counter() - t, 2))"
-step kernels_warm 120 python3 -c "
+step kernels_warm 45 python3 -c "
 import time
 from hybridllm.backends.cupy_backend import CupyRuntime
 t = time.perf_counter(); CupyRuntime(0).kernels.preload()
 print('cached load s', round(time.perf_counter() - t, 2))"
 
-step tests_gpu 900 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs --junitxml="$OUT/tests_gpu.xml" tests/gpu
+step tests_gpu 230 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs --junitxml="$OUT/tests_gpu.xml" tests/gpu
 
-step bench_gpu 900 python3 bench/bench_gpu.py --json "$OUT/bench_gpu.json"
+step bench_gpu 120 python3 bench/bench_gpu.py --json "$OUT/bench_gpu.json"
 
 cat "$OUT/summary.txt"
 exit 0
