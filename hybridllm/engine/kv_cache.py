@@ -5,7 +5,8 @@ Each attention layer owns a K and a V tensor of shape (n_embd_k_gqa, kv_size) in
 (`attn_inp_k_idxs` / `attn_inp_v_idxs`), attention reads a view of the first n_kv cells (n_kv padded to
 256 so that decode graphs can be reused), and an F16 mask (`attn_inp_kq_mask`, 0 or -inf) hides empty
 cells, future positions and, in a sliding-window cache, positions older than the window. V is stored
-untransposed, the flash-attention layout.
+untransposed for flash attention; without it (`v_trans`) V is stored transposed, one element per index,
+as llama.cpp does so that KQ*V needs no copy.
 
 Placement: the full cache puts position p in cell p; a sliding-window cache is a ring (cell p mod size),
 sized n_swa + n_ubatch rounded up to 256 so that a ubatch never overwrites a cell still in its window.
@@ -56,8 +57,8 @@ class KVCache:
 
     def __init__(self, backend: Backend, layers: Sequence[LayerKV], size: int, *,
                  type_k: GGMLType = GGMLType.F16, type_v: GGMLType = GGMLType.F16,
-                 n_swa: int = 0, name_tag: str = "") -> None:
-        self.backend, self.size, self.n_swa = backend, size, n_swa
+                 n_swa: int = 0, v_trans: bool = False, name_tag: str = "") -> None:
+        self.backend, self.size, self.n_swa, self.v_trans = backend, size, n_swa, v_trans
         self.layers = {spec.il: spec for spec in layers}
         self.k: dict[int, Tensor] = {}
         self.v: dict[int, Tensor] = {}
@@ -133,9 +134,13 @@ class KVCache:
 
     def get_v(self, il: int, n_kv: int) -> Tensor:
         v, spec = self.v[il], self.layers[il]
-        return ops.view_4d(v, spec.head_dim_v, spec.n_head_kv, n_kv, 1,
-                           row_size(v.type, spec.head_dim_v), row_size(v.type, spec.n_embd_v_gqa),
-                           row_size(v.type, spec.n_embd_v_gqa * self.size), 0)
+        if not self.v_trans:
+            return ops.view_4d(v, spec.head_dim_v, spec.n_head_kv, n_kv, 1,
+                               row_size(v.type, spec.head_dim_v), row_size(v.type, spec.n_embd_v_gqa),
+                               row_size(v.type, spec.n_embd_v_gqa * self.size), 0)
+        return ops.view_4d(v, n_kv, spec.n_head_kv, spec.head_dim_v, 1,  # nb[1] > nb[2]: transposed
+                           row_size(v.type, self.size * spec.head_dim_v), row_size(v.type, self.size),
+                           row_size(v.type, self.size * spec.n_embd_v_gqa), 0)
 
     def cpy_k(self, k_cur: Tensor, k_idxs: Tensor, il: int) -> Tensor:
         n_embd_gqa = k_cur.ne[0] * k_cur.ne[1]
@@ -143,9 +148,31 @@ class KVCache:
         return ops.set_rows(self.k[il], k_cur, k_idxs)
 
     def cpy_v(self, v_cur: Tensor, v_idxs: Tensor, il: int) -> Tensor:
-        n_embd_gqa = v_cur.ne[0] * v_cur.ne[1]
-        v_cur = ops.view_2d(v_cur, n_embd_gqa, v_cur.ne[2], v_cur.nb[2], 0)
-        return ops.set_rows(self.v[il], v_cur, v_idxs)
+        n_embd_gqa, n_tokens = v_cur.ne[0] * v_cur.ne[1], v_cur.ne[2]
+        if not self.v_trans:
+            v_cur = ops.view_2d(v_cur, n_embd_gqa, n_tokens, v_cur.nb[2], 0)
+            return ops.set_rows(self.v[il], v_cur, v_idxs)
+        if row_size(v_cur.type, n_embd_gqa) == v_cur.nb[2]:
+            v_cur = ops.reshape_2d(v_cur, n_embd_gqa, n_tokens)
+        else:
+            v_cur = ops.cont_2d(v_cur, n_embd_gqa, n_tokens)
+        # each index addresses one element of the transposed cache
+        v_view = ops.reshape_2d(self.v[il], 1, ops.nelements(self.v[il]))
+        v_cur = ops.reshape_2d(v_cur, 1, ops.nelements(v_cur))
+        return ops.set_rows(v_view, v_cur, v_idxs)
+
+    def v_idxs(self, cells: np.ndarray) -> np.ndarray:
+        """Values of attn_inp_v_idxs: the cells, or for a transposed V one index per element."""
+        if not self.v_trans:
+            return cells.astype(np.int64)
+        n_embd = max(spec.n_embd_v_gqa for spec in self.layers.values())
+        j = np.arange(n_embd, dtype=np.int64)[None, :]
+        return (j * self.size + cells.astype(np.int64)[:, None]).reshape(-1)
+
+    def n_v_idxs(self, n_tokens: int) -> int:
+        if not self.v_trans:
+            return n_tokens
+        return n_tokens * max(spec.n_embd_v_gqa for spec in self.layers.values())
 
     def free(self) -> None:
         if self.buffer is not None:

@@ -84,7 +84,8 @@ class ModelRunner:
         self.metadata = metadata or {}
         if self.config.n_ctx <= 0 or self.config.n_ubatch <= 0:
             raise EngineError("context and ubatch sizes must be positive")
-        self.kv = model.make_kv(self.config.n_ctx, self.config.n_ubatch, self.config.type_k, self.config.type_v)
+        self.kv = model.make_kv(self.config.n_ctx, self.config.n_ubatch, self.config.type_k, self.config.type_v,
+                                v_trans=not self.config.flash_attn)
         self.n_ctx = self.kv.base.size
         self.n_past = 0
         self._graphs: OrderedDict[tuple, _Prepared] = OrderedDict()
@@ -239,7 +240,7 @@ class ModelRunner:
         for a in ctx.attn_inputs:
             idx = cells_of[id(a.cache)].astype(np.int64)
             put(a.k_idxs, idx)
-            put(a.v_idxs, idx)
+            put(a.v_idxs, a.cache.v_idxs(idx))
             mask = a.cache.kq_mask(a.n_kv, positions)
             put(a.kq_mask, mask if ctx.flash_attn else mask.astype(np.float32))
 

@@ -205,18 +205,19 @@ class Model(ABC):
         hp = self.hp
         return [LayerKV(il, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v) for il in range(hp.n_layer)]
 
-    def make_kv(self, n_ctx: int, n_ubatch: int, type_k: GGMLType, type_v: GGMLType) -> KVUnified | KVCacheISWA:
-        """llama.cpp's cache for this model: one full cache, or full + SWA ring (llama_kv_cache_iswa)."""
+    def make_kv(self, n_ctx: int, n_ubatch: int, type_k: GGMLType, type_v: GGMLType,
+                v_trans: bool = False) -> KVUnified | KVCacheISWA:
+        """llama.cpp's cache for this model: one full cache, or full + SWA ring (llama_kv_cache_iswa).
+        V is transposed (v_trans) when flash attention is off, as in llama.cpp."""
         size = pad(n_ctx)
         layers = self.layer_kv()
         swa_layers = [s for s in layers if self.hp.is_swa(s.il)]
+        kw: dict[str, Any] = dict(type_k=type_k, type_v=type_v, v_trans=v_trans)
         if not swa_layers:
-            return KVUnified(KVCache(self.backend, layers, size, type_k=type_k, type_v=type_v))
+            return KVUnified(KVCache(self.backend, layers, size, **kw))
         n_swa = getattr(self.hp, "n_swa")
-        base = KVCache(self.backend, [s for s in layers if not self.hp.is_swa(s.il)], size,
-                       type_k=type_k, type_v=type_v)
-        swa = KVCache(self.backend, swa_layers, pad(min(size, n_swa + n_ubatch)), type_k=type_k,
-                      type_v=type_v, n_swa=n_swa)
+        base = KVCache(self.backend, [s for s in layers if not self.hp.is_swa(s.il)], size, **kw)
+        swa = KVCache(self.backend, swa_layers, pad(min(size, n_swa + n_ubatch)), n_swa=n_swa, **kw)
         return KVCacheISWA(base, swa)
 
     def positions(self, pos: np.ndarray) -> np.ndarray:
@@ -341,7 +342,8 @@ class GraphContext:
             if not cache.layers:
                 continue  # e.g. every layer of the model uses the sliding window
             k_idxs = self._input(f"k_idxs{i}", ops.new_tensor_1d(GGMLType.I64, self.n_tokens), "attn_inp_k_idxs")
-            v_idxs = self._input(f"v_idxs{i}", ops.new_tensor_1d(GGMLType.I64, self.n_tokens), "attn_inp_v_idxs")
+            v_idxs = self._input(f"v_idxs{i}", ops.new_tensor_1d(GGMLType.I64, cache.n_v_idxs(self.n_tokens)),
+                                 "attn_inp_v_idxs")
             mask = self._input(f"kq_mask{i}", ops.new_tensor_4d(mask_type, n_kv, self.n_tokens, 1, 1),
                                "attn_inp_kq_mask")
             self.attn_inputs.append(AttnInput(cache, n_kv, k_idxs, v_idxs, mask))
@@ -409,11 +411,14 @@ class GraphContext:
     def attn_mha(self, q: Tensor, k: Tensor, v: Tensor, kq_mask: Tensor, sinks: Tensor | None,
                  kq_scale: float, il: int) -> Tensor:
         """build_attn_mha: flash attention (or KQ -> softmax -> KQV) over permuted Q/K/V."""
+        v_trans = v.nb[1] > v.nb[2]
         n_stream = k.ne[3]
         q = ops.view_4d(q, q.ne[0], q.ne[1], q.ne[2] // n_stream, n_stream, q.nb[1], q.nb[2],
                         q.nb[2] * (q.ne[2] // n_stream), 0)
         q, k, v = (ops.permute(t, 0, 2, 1, 3) for t in (q, k, v))
         if self.flash_attn:
+            if v_trans:
+                v = ops.transpose(v)
             cur = ops.flash_attn_ext(q, k, v, kq_mask, f32(kq_scale), 0.0, 0.0)
             ops.flash_attn_ext_add_sinks(cur, sinks)
             ops.flash_attn_ext_set_n_kv_max(cur, 0)
@@ -425,7 +430,8 @@ class GraphContext:
             kq = ops.soft_max_ext(kq, kq_mask, f32(kq_scale), 0.0)
             ops.soft_max_add_sinks(kq, sinks)
             self.cb(kq, "kq_soft_max", il)
-            v = ops.cont(ops.transpose(v))  # our V cache is not transposed
+            if not v_trans:
+                v = self.cb(ops.cont(ops.transpose(v)), "v_cont", il)
             kqv = self.cb(ops.mul_mat(v, kq), "kqv", il)
             cur = ops.permute(kqv, 0, 2, 1, 3)
             cur = ops.cont_2d(cur, cur.ne[0] * cur.ne[1], cur.ne[2] * cur.ne[3])
