@@ -105,3 +105,18 @@ def test_gemma3_sliding_window_wraps(root: Path, tmp_path: Path) -> None:
     errs = [rel_err(a, b) for a, b in zip(rows, ref.logits)]
     assert max(errs) <= REL_TOL, errs
     r.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_decode_across_kv_growth(root: Path, tmp_path: Path, arch: str) -> None:
+    """Decoding past 256 cells rebuilds the graph with n_kv = 512 (gemma3's SWA ring wraps meanwhile)."""
+    path = model_path(root, arch, "f32")  # no 8-bit activation flips: plain float agreement expected
+    prompt = np.random.default_rng(2).integers(10, 500, 250).tolist()
+    ref = run_master(path, tmp_path / "ref", prompt_ids=prompt, n_predict=12, flash_attn="on", n_ctx=512)
+    r = load(path, n_ctx=512, n_ubatch=128)
+    rows = [r.decode(prompt)[0]] + [r.decode([t])[0] for t in ref.fed]
+    assert r.n_past == 261 and r.kv.caches[0].n_kv() == 512
+    errs = [rel_err(a, b) for a, b in zip(rows, ref.logits)]
+    assert max(errs) <= 5 * REL_TOL, errs  # flash attention's F16 accumulator: ~1e-3 (module docstring)
+    assert [int(a.argmax()) for a in rows] == ref.tokens
+    r.close()
