@@ -35,6 +35,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="tensor cache directory (compatible with rpc-server -c)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--token", default=None,
+                   help="require hybridllm masters to prove this shared secret (never sent in clear; "
+                        "llama.cpp masters cannot connect then). Default: $HYBRIDLLM_RPC_TOKEN if set")
     p.set_defaults(func=run)
 
 
@@ -79,8 +82,12 @@ def run(args: argparse.Namespace) -> int:
             cache = TensorCache(os.path.expanduser(args.cache))
         except OSError as exc:
             raise CliError(f"--cache {args.cache}: {exc.strerror or exc}") from exc
+    token = args.token if args.token is not None else os.environ.get("HYBRIDLLM_RPC_TOKEN")
+    if token is not None and not token:
+        raise CliError("--token must not be empty")
     from .server import WorkerServer, serve
-    server = WorkerServer(devices, args.host, args.port, cache)
+    server = WorkerServer(devices, args.host, args.port, cache,
+                          token=token.encode("utf-8") if token is not None else None)
     try:
         serve(server)
     except OSError as exc:

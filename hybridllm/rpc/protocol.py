@@ -218,12 +218,12 @@ class ServerParser:
     SCRATCH = 256 * 1024
     BIG = 64 * 1024  # payloads above this get their own buffer
 
-    def __init__(self, max_payload: int = 1 << 40) -> None:
+    def __init__(self, max_payload: int = 1 << 40, hellos: int = 1) -> None:
         self.max_payload = max_payload
+        self._hellos = hellos     # HELLOs that must open the connection (2 with the token handshake)
         self._scratch = bytearray(self.SCRATCH)
         self._view = memoryview(self._scratch)
         self._start = self._end = 0
-        self._hello_done = False
         self._cmd = -1            # pending command, -1 = waiting for a header
         self._size = 0
         self._big: bytearray | None = None
@@ -279,7 +279,7 @@ class ServerParser:
                 self._start += FRAME_HEADER_SIZE
                 avail -= FRAME_HEADER_SIZE
                 try:
-                    check_request_header(cmd, size, in_loop=self._hello_done)
+                    check_request_header(cmd, size, in_loop=self._hellos <= 0)
                     if size > self.max_payload:
                         raise ProtocolError(f"{Cmd(cmd).name} payload of {size} bytes exceeds the "
                                             f"limit of {self.max_payload}")
@@ -320,7 +320,8 @@ class ServerParser:
         except ProtocolError as exc:
             self._fail(exc, events)
             return
-        self._hello_done = True
+        if self._hellos > 0:
+            self._hellos -= 1
         events.append(msg)
 
     def _fail(self, exc: ProtocolError, events: list[Event]) -> None:

@@ -25,6 +25,7 @@ log = logging.getLogger("hybridllm.rpc")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50052
 _PAUSE_BYTES = 256 << 20   # stop reading a connection while this much decoded work is queued
+_AUTH_MAX_PAYLOAD = 4096   # payload limit until a --token worker's client has proved the token
 
 
 def _reason(exc: BaseException) -> str:
@@ -67,8 +68,11 @@ class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: WorkerServer, number: int) -> None:
         self.server = server
         self.number = number
-        self.parser = P.ServerParser(server.max_payload)
-        self.session = Session(server.devices, server.cache)
+        token = server.token
+        # with a token: two HELLOs first, and nothing large is parsed before the client proved it
+        self.parser = P.ServerParser(server.max_payload if token is None else _AUTH_MAX_PAYLOAD,
+                                     hellos=1 if token is None else 2)
+        self.session = Session(server.devices, server.cache, token=token, on_auth=self._authenticated)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"rpc-conn{number}")
         self.queue: collections.deque[P.Event] = collections.deque()
         self.queued_bytes = 0
@@ -79,6 +83,10 @@ class Connection(asyncio.BufferedProtocol):
         self.peer = "?"
         self.transport: asyncio.Transport | None = None
         self.done: asyncio.Future[None] = server.loop.create_future()
+
+    def _authenticated(self) -> None:
+        self.parser.max_payload = self.server.max_payload
+        log.debug("conn %d (%s) authenticated", self.number, self.peer)
 
     # --- asyncio callbacks (event-loop thread) -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -201,10 +209,12 @@ class WorkerServer:
     """A listening worker over `devices` (one Backend per wire device index)."""
 
     def __init__(self, devices: Sequence[Backend], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 cache: TensorCache | None = None, max_payload: int | None = None) -> None:
+                 cache: TensorCache | None = None, max_payload: int | None = None,
+                 token: bytes | None = None) -> None:
         if not devices:
             raise ValueError("a worker needs at least one device")
         self.devices = list(devices)
+        self.token = token   # clients must pass hybridllm's token handshake (auth.py)
         self.host, self.port = host, port
         self.cache = cache
         # no legitimate payload is larger than the biggest device memory (plus graph overhead)
@@ -276,8 +286,8 @@ class ServerThread:
     """A WorkerServer on its own event loop in a background thread (tests, embedding)."""
 
     def __init__(self, devices: Sequence[Backend], host: str = DEFAULT_HOST, port: int = 0,
-                 cache: TensorCache | None = None) -> None:
-        self.server = WorkerServer(devices, host, port, cache)
+                 cache: TensorCache | None = None, token: bytes | None = None) -> None:
+        self.server = WorkerServer(devices, host, port, cache, token=token)
         self.loop = _new_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rpc-server", daemon=True)

@@ -29,6 +29,7 @@ from ..ggml.types import (
     TensorFlag,
     UnaryOp,
 )
+from . import auth
 from . import protocol as P
 from .cache import TensorCache
 
@@ -92,7 +93,8 @@ def _label(rt: P.RpcTensor) -> str:
 class Session:
     """The state of one client connection over the server's shared devices."""
 
-    def __init__(self, devices: Sequence[Backend], cache: TensorCache | None = None) -> None:
+    def __init__(self, devices: Sequence[Backend], cache: TensorCache | None = None, *,
+                 token: bytes | None = None, on_auth: Callable[[], None] | None = None) -> None:
         if not devices:
             raise ValueError("a worker needs at least one device")
         self.devices = list(devices)
@@ -100,6 +102,15 @@ class Session:
         self.buffers: dict[int, Buffer] = {}
         # per device: uid -> Plan, or None once FREE_BUFFER invalidated it (the uid still counts, §5.7)
         self.graphs: list[dict[int, Plan | None]] = [{} for _ in self.devices]
+        if token is not None:   # every message goes through the token handshake until it succeeds
+            self._auth = _TokenCheck(token, on_auth)
+            self.handle = self._authenticate  # type: ignore[method-assign]
+
+    def _authenticate(self, msg: P.Message) -> P.Message | None:
+        rsp = self._auth.step(msg)
+        if self._auth.done:
+            del self.handle  # back to the class's dispatch
+        return rsp
 
     def handle(self, msg: P.Message) -> P.Message | None:
         return _DISPATCH[type(msg)](self, msg)
@@ -437,6 +448,32 @@ class Session:
             if node.flags & _COMPUTE and node.op not in VIEW_OPS:
                 _check_node(node)
         return nodes
+
+
+class _TokenCheck:
+    """The worker's side of hybridllm's token handshake (auth.py, protocol/README.md §9): two HELLOs."""
+
+    def __init__(self, token: bytes, on_auth: Callable[[], None] | None) -> None:
+        self.key, self.on_auth = token, on_auth
+        self.client: bytes | None = None
+        self.worker = auth.new_nonce()
+        self.done = False
+
+    def step(self, msg: P.Message) -> P.HelloRsp:
+        if not isinstance(msg, P.HelloReq):
+            raise SessionError(f"authentication required: got {P.CMD_OF[type(msg)].name} before the token proof")
+        if self.client is None:
+            self.client = auth.client_nonce(msg.conn_caps)
+            if self.client is None:
+                raise SessionError("authentication required: the client sent no token (this worker runs "
+                                   "with --token; llama.cpp masters cannot connect to it)")
+            return P.HelloRsp(conn_caps=auth.challenge_caps(self.worker))
+        if not auth.check(auth.proof(self.key, b"client", self.client, self.worker), msg.conn_caps):
+            raise SessionError("authentication failed: wrong token")
+        self.done = True
+        if self.on_auth is not None:
+            self.on_auth()
+        return P.HelloRsp(conn_caps=auth.proof(self.key, b"worker", self.client, self.worker))
 
 
 # The command table drives dispatch: every request class maps to the handler named after its command.
