@@ -54,8 +54,9 @@ def _run_q8(x: np.ndarray, k_family: bool) -> tuple[np.ndarray, ...]:
     boff = np.arange(C, dtype=np.int64) * K * 4
     bq = np.zeros(C * K, np.int16)
     if k_family:
-        bd, extra = np.zeros((C, K // 256), np.float32), np.zeros((C, K // 16), np.int32)
+        bd, extra = np.zeros((C, K // 256), np.float32), np.zeros(C * K // 16, np.int16)
         quantize_q8_k(x.view(np.uint8).reshape(-1), boff, K, bq, bd, extra)
+        extra = extra.reshape(C, K // 16)
     else:
         bd, extra = np.zeros((C, K // 32), np.float32), np.zeros((C, K // 32), np.float32)
         quantize_q8_0(x.view(np.uint8).reshape(-1), boff, K, bq, bd, extra)

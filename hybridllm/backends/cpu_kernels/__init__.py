@@ -5,6 +5,10 @@ Importing this package compiles nothing; kernels compile on first use (cached on
 """
 from __future__ import annotations
 
-from .api import FAST_TYPES, get_matmul, get_num_threads, set_num_threads
+from .cache import invalidate_stale_cache
+
+invalidate_stale_cache()
+
+from .api import FAST_TYPES, get_matmul, get_num_threads, set_num_threads  # noqa: E402
 
 __all__ = ["FAST_TYPES", "get_matmul", "get_num_threads", "set_num_threads"]

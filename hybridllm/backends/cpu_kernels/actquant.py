@@ -23,12 +23,12 @@ from .simd import f16_bits_to_f32, f32_bits, f32_from_bits, f32_to_f16_bits
 _F32 = 0  # GGMLType.F32 as a literal for load_f
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _round_f16(x: np.float32) -> np.float32:
     return f16_bits_to_f32(f32_to_f16_bits(x))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _round_bf16(x: np.float32) -> np.float32:
     u = f32_bits(x)
     if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
@@ -37,7 +37,7 @@ def _round_bf16(x: np.float32) -> np.float32:
     return f32_from_bits(r << np.uint32(16))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _to_int8(v: np.float32) -> int:
     """cvtps_epi32 + saturating packs: NaN and overflow give -128 as on x86."""
     if not (v > -128.5) or v >= 128.0:
@@ -72,7 +72,7 @@ def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bd
 @njit(cache=True)
 def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bd: np.ndarray,
                   bsum: np.ndarray) -> None:
-    """Rows -> Q8_K (q as int16, d float32, 16 bsums per super-block)."""
+    """Rows -> Q8_K (q as int16, d float32, int16 bsums: 16 per super-block, flat like q)."""
     for c in range(boff.shape[0]):
         for sb in range(K // 256):
             o = boff[c] + sb * 1024
@@ -88,7 +88,7 @@ def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bd
                 for k in range(256):
                     bq[c * K + sb * 256 + k] = 0
                 for g in range(16):
-                    bsum[c, sb * 16 + g] = 0
+                    bsum[c * (K // 16) + sb * 16 + g] = 0
                 continue
             iscale = np.float32(-127.0) / vmax
             for g in range(16):
@@ -97,11 +97,11 @@ def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bd
                     q = min(127, _to_int8(np.rint(iscale * load_f(_F32, bbuf, o + 4 * k))))
                     bq[c * K + sb * 256 + k] = q
                     total += q
-                bsum[c, sb * 16 + g] = total
+                bsum[c * (K // 16) + sb * 16 + g] = total
             bd[c, sb] = np.float32(1.0) / iscale
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _load_any(fmt: int, buf: np.ndarray, off: int) -> np.float32:
     if fmt == GGMLType.F16:
         return load_f(1, buf, off)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -123,20 +122,55 @@ FAST_TYPES = frozenset(_Q8_0_FAMILY) | frozenset(_Q8_K_FAMILY) | frozenset(_FLOA
 
 # --- threads -------------------------------------------------------------------------------------------
 
-_SERIAL_MACS = 1 << 21   # below ~2M multiply-adds (~0.1 ms) a thread hand-off costs more than it saves
+_SERIAL_MACS = 1 << 18   # below ~256K multiply-adds (~15 us) waking a helper costs more than it saves
+
+
+class _Helpers:
+    """Persistent helper threads. A job is a jitted entry (GIL released) plus its arguments; every thread,
+    the caller included, runs it, and the entries share work through an atomic counter, so a helper
+    that wakes late only takes fewer items."""
+
+    def __init__(self, n: int) -> None:
+        self.go = [threading.Semaphore(0) for _ in range(n)]
+        self.done = threading.Semaphore(0)
+        self.job: tuple[Callable[..., None], tuple] | None = None
+        self.error: BaseException | None = None
+        for i in range(n):
+            threading.Thread(target=self._loop, args=(i,), name=f"hybridllm-mm-{i}", daemon=True).start()
+
+    def _loop(self, i: int) -> None:
+        while True:
+            self.go[i].acquire()
+            fn, args = self.job  # type: ignore[misc]
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self.error = exc
+            finally:
+                self.done.release()
+
+    def run(self, fn: Callable[..., None], args: tuple, helpers: int) -> None:
+        self.job, self.error = (fn, args), None
+        for i in range(helpers):
+            self.go[i].release()
+        try:
+            fn(*args)
+        finally:
+            for _ in range(helpers):
+                self.done.acquire()
+        if self.error is not None:
+            raise self.error
+
+
 _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_helpers: _Helpers | None = None
+_helpers_lock = threading.Lock()
 
 
 def set_num_threads(n: int) -> None:
     """Threads the matmul kernels use (the calling thread included)."""
-    global _threads, _pool
-    with _pool_lock:
-        _threads = max(1, int(n))
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-            _pool = None
+    global _threads
+    _threads = max(1, int(n))
 
 
 def get_num_threads() -> int:
@@ -145,20 +179,21 @@ def get_num_threads() -> int:
 
 def _run_items(entry: Callable[..., None], nitems: int, macs: int, args: tuple) -> None:
     """Run work items 0..nitems-1 of `entry` on up to `_threads` threads."""
-    global _pool
+    global _helpers
     counter = np.zeros(1, np.int64)
     helpers = min(_threads, nitems) - 1 if macs >= _SERIAL_MACS else 0
     if helpers <= 0:
         entry(counter, nitems, *args)
         return
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_threads - 1, thread_name_prefix="hybridllm-mm")
-        pool = _pool
-    futures = [pool.submit(entry, counter, nitems, *args) for _ in range(helpers)]
-    entry(counter, nitems, *args)
-    for f in futures:
-        f.result()
+    if not _helpers_lock.acquire(blocking=False):  # helpers busy with another caller's job: run alone
+        entry(counter, nitems, *args)
+        return
+    try:
+        if _helpers is None or len(_helpers.go) < helpers:
+            _helpers = _Helpers(max(helpers, _threads - 1))
+        _helpers.run(entry, (counter, nitems, *args), helpers)
+    finally:
+        _helpers_lock.release()
 
 
 _scratch = threading.local()
@@ -202,7 +237,7 @@ def _quant_matmul(atype: int) -> MatmulFn:
         bq = _scratch_array("bq", np.int16, C * K)
         bd = _scratch_array("bd", np.float32, C * nblk).reshape(C, nblk)
         if k_family:
-            extra = _scratch_array("bsum", np.int32, C * K // 16).reshape(C, K // 16)
+            extra = _scratch_array("bsum", np.int16, C * K // 16)
             quantize_q8_k(bbuf, boff, K, bq, bd, extra)
         else:
             extra = _scratch_array("bs", np.float32, C * nblk).reshape(C, nblk)

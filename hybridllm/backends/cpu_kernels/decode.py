@@ -15,8 +15,7 @@ from numba.extending import intrinsic
 
 from ...ggml.types import GGMLType
 from .simd import (F32x16, I16x32, _F32, _HALF, _I8, _I16, _I32, _I64, _llvm_type, bits_to_bytes,
-                   byte_ptr, fp16_bits_to_f32, load_bytes, load_scalar, lookup16, nibbles, scale_halves,
-                   splat, vty)
+                   byte_ptr, fp16_bits_to_f32, load_bytes, load_scalar, lookup16, nibbles, splat, vty)
 
 KVALUES_IQ4NL = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
 KVALUES_FP4 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]
@@ -74,72 +73,6 @@ def dec_q32(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
 
 
 @intrinsic
-def dec_k(typingctx: Any, fmt: Any, buf: Any, off: Any, j: Any, s0: Any, s1: Any) -> Any:
-    """Chunk j (elements 32j..32j+31) of the 256-element super-block at byte `off`, each value times
-    its sub-block's integer scale: s0 for the first 16 elements, s1 for the last 16."""
-    f = _literal(fmt, K_FORMATS)
-    if f is None or not all(isinstance(t, types.Integer) for t in (off, j, s0, s1)):
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        aty, a = sig.args[1], args[1]
-        o = _i64(context, builder, args[2], sig.args[2])
-        jj = _i64(context, builder, args[3], sig.args[3])
-        s0 = context.cast(builder, args[4], sig.args[4], types.int32)
-        s1 = context.cast(builder, args[5], sig.args[5], types.int32)
-        q = _k_chunk(f, context, builder, aty, a, o, jj)
-        return scale_halves(builder, q, s0, s1)
-    return I16x32(fmt, buf, off, j, s0, s1), codegen
-
-
-def _shr_const(builder: ir.IRBuilder, v: ir.Value, amount: ir.Value) -> ir.Value:
-    """<32 x i8> v >> amount (logical; `amount` an i64 scalar)."""
-    return builder.lshr(v, splat(builder, builder.trunc(amount, _I8), 32))
-
-
-def _k_chunk(f: int, context: Any, builder: ir.IRBuilder, aty: Any, a: ir.Value, o: ir.Value,
-             j: ir.Value) -> ir.Value:
-    """Unscaled integer values of chunk j as <32 x i16>."""
-    w = vty(_I16, 32)
-    one, two, three = (ir.Constant(_I64, k) for k in (1, 2, 3))
-    load32 = lambda at: load_bytes(context, builder, aty, a, at, 32)  # noqa: E731
-    if f in (GGMLType.Q4_K, GGMLType.Q5_K):
-        base = 16 if f == GGMLType.Q4_K else 48
-        pair = builder.lshr(j, one)
-        qs = load32(builder.add(_add(builder, o, base), builder.mul(pair, ir.Constant(_I64, 32))))
-        q = builder.and_(_shr_const(builder, qs, builder.mul(builder.and_(j, one), ir.Constant(_I64, 4))),
-                         _u8(builder, 15))
-        if f == GGMLType.Q5_K:
-            hb = builder.and_(_shr_const(builder, load32(_add(builder, o, 16)), j), _u8(builder, 1))
-            q = builder.or_(q, builder.shl(hb, _u8(builder, 4)))
-        return builder.zext(q, w)
-    if f == GGMLType.IQ4_XS:
-        at = builder.add(_add(builder, o, 8), builder.mul(j, ir.Constant(_I64, 16)))
-        idx = nibbles(builder, load_bytes(context, builder, aty, a, at, 16))
-        return builder.sext(lookup16(builder, idx, KVALUES_IQ4NL), w)
-    half, sub = builder.lshr(j, two), builder.and_(j, three)
-    if f == GGMLType.Q6_K:
-        ql_at = builder.add(builder.add(o, builder.mul(half, ir.Constant(_I64, 64))),
-                            builder.mul(builder.and_(sub, one), ir.Constant(_I64, 32)))
-        lo4 = builder.and_(_shr_const(builder, load32(ql_at), builder.mul(builder.lshr(sub, one),
-                                                                          ir.Constant(_I64, 4))), _u8(builder, 15))
-        qh_at = builder.add(_add(builder, o, 128), builder.mul(half, ir.Constant(_I64, 32)))
-        hi2 = builder.and_(_shr_const(builder, load32(qh_at), builder.mul(sub, two)), _u8(builder, 3))
-        q = builder.zext(builder.or_(lo4, builder.shl(hi2, _u8(builder, 4))), w)
-        return builder.sub(q, splat(builder, ir.Constant(_I16, 32), 32))
-    qs_base = 32 if f == GGMLType.Q3_K else 16
-    qs_at = builder.add(_add(builder, o, qs_base), builder.mul(half, ir.Constant(_I64, 32)))
-    q2 = builder.and_(_shr_const(builder, load32(qs_at), builder.mul(sub, two)), _u8(builder, 3))
-    if f == GGMLType.Q2_K:
-        return builder.zext(q2, w)
-    # Q3_K: a clear hmask bit subtracts 4
-    hb = builder.and_(_shr_const(builder, load32(o), builder.add(builder.mul(half, ir.Constant(_I64, 4)), sub)),
-                      _u8(builder, 1))
-    q = builder.sub(builder.or_(q2, builder.shl(hb, _u8(builder, 2))), _u8(builder, 4))
-    return builder.sext(q, w)
-
-
-@intrinsic
 def load_f16x(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
     """16 consecutive F32/F16/BF16 elements at byte `off` as F32x16 (exact conversion)."""
     f = _literal(fmt, F_FORMATS)
@@ -191,17 +124,21 @@ def u32_at(typingctx: Any, buf: Any, off: Any) -> Any:
 
 
 @intrinsic
-def e8m0_half_at(typingctx: Any, buf: Any, off: Any) -> Any:
-    """The E8M0 byte at `off` as float 2**(e-128): half the E8M0 value, matching the doubled FP4
-    table; e < 2 gives the denormals 2**-128 and 2**-127."""
-    if not isinstance(off, types.Integer):
+def q32_scale_at(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
+    """The block scale d of the 32-element block at byte `off`: F16, or for MXFP4 the E8M0 byte as
+    2**(e-128) (half the E8M0 value, matching the doubled FP4 table; e < 2 gives denormals)."""
+    f = _literal(fmt, Q32_FORMATS)
+    if f is None or not isinstance(off, types.Integer):
         return None
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        o = _i64(context, builder, args[1], sig.args[1])
-        e = builder.zext(load_scalar(context, builder, sig.args[0], args[0], o, _I8), _I32)
-        denormal = builder.shl(ir.Constant(_I32, 0x00200000), e)
-        normal = builder.shl(builder.sub(e, ir.Constant(_I32, 1)), ir.Constant(_I32, 23))
-        small = builder.icmp_unsigned("<", e, ir.Constant(_I32, 2))
-        return builder.bitcast(builder.select(small, denormal, normal), _F32)
-    return types.float32(buf, off), codegen
+        aty, a = sig.args[1], args[1]
+        o = _i64(context, builder, args[2], sig.args[2])
+        if f == GGMLType.MXFP4:
+            e = builder.zext(load_scalar(context, builder, aty, a, o, _I8), _I32)
+            denormal = builder.shl(ir.Constant(_I32, 0x00200000), e)
+            normal = builder.shl(builder.sub(e, ir.Constant(_I32, 1)), ir.Constant(_I32, 23))
+            small = builder.icmp_unsigned("<", e, ir.Constant(_I32, 2))
+            return builder.bitcast(builder.select(small, denormal, normal), _F32)
+        return fp16_bits_to_f32(builder, load_scalar(context, builder, aty, a, o, _I16))
+    return types.float32(fmt, buf, off), codegen

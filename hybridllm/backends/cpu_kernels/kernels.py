@@ -19,9 +19,10 @@ import numpy as np
 from numba import njit
 
 from ...ggml.types import GGMLType
-from .decode import dec_k, dec_q32, e8m0_half_at, load_f, load_f16x
-from .simd import (add_i32, atomic_next, f16_at, fma_f32, fma_i32, hsum_f32, literal_value, load_f32x16, load_i16x32, madd,
-                   zero_f32x16, zero_i32x16)
+from .decode import dec_q32, load_f, load_f16x, q32_scale_at
+from .decode_k import ksb_d, ksb_dot, ksb_min
+from .simd import (add_f32, atomic_next, f16_at, fma_f32, fma_i32, hsum_f32, literal_value, load_f32x16, load_i16x32, madd,
+                   zero_f32x16)
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4 = 10, 11, 12, 13, 14, 20, 23, 39
@@ -33,7 +34,7 @@ assert (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_
     GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _item(it: int, nch: int, rows: int, M: int) -> tuple[int, int, int]:
     """Work item -> (group, first row, end row)."""
     g = it // nch
@@ -41,7 +42,7 @@ def _item(it: int, nch: int, rows: int, M: int) -> tuple[int, int, int]:
     return g, r0, min(M, r0 + rows)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _q32_bytes(f: int) -> int:
     if f == Q4_0 or f == IQ4_NL:
         return 18
@@ -56,14 +57,7 @@ def _q32_bytes(f: int) -> int:
     return 17  # MXFP4
 
 
-@njit(cache=True)
-def _q32_scale(f: int, abuf: np.ndarray, o: int) -> np.float32:
-    if f == MXFP4:
-        return e8m0_half_at(abuf, o)
-    return f16_at(abuf, o)
-
-
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _q32_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bd: np.ndarray, bs: np.ndarray,
                b0: int, b1: int, b2: int, b3: int) -> tuple[float, float, float, float]:
     """Weight row at byte `ro` dotted with activation rows b0..b3; each block is decoded once."""
@@ -74,7 +68,7 @@ def _q32_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bd: 
     for blk in range(K // 32):
         o = ro + blk * bsz
         q = dec_q32(fmt, abuf, o)
-        da = _q32_scale(f, abuf, o)
+        da = q32_scale_at(fmt, abuf, o)
         k = blk * 32
         a0 = fma_i32(a0, madd(q, load_i16x32(bq, b0 * K + k)), da * bd[b0, blk])
         a1 = fma_i32(a1, madd(q, load_i16x32(bq, b1 * K + k)), da * bd[b1, blk])
@@ -89,23 +83,35 @@ def _q32_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bd: 
     return hsum_f32(a0) + m0, hsum_f32(a1) + m1, hsum_f32(a2) + m2, hsum_f32(a3) + m3
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _q32_col1(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bd: np.ndarray, bs: np.ndarray,
               b0: int) -> float:
+    """One weight row with one activation row: two accumulators, so consecutive blocks do not wait on
+    each other's FMA latency."""
     f = literal_value(fmt)
     bsz = _q32_bytes(f)
-    acc = zero_f32x16()
+    nblk = K // 32
+    acc0, acc1 = zero_f32x16(), zero_f32x16()
     m0 = np.float32(0.0)
-    for blk in range(K // 32):
+    e = b0 * K
+    for blk in range(0, nblk - 1, 2):
         o = ro + blk * bsz
-        acc = fma_i32(acc, madd(dec_q32(fmt, abuf, o), load_i16x32(bq, b0 * K + blk * 32)),
-                      _q32_scale(f, abuf, o) * bd[b0, blk])
-        if f == Q4_1 or f == Q5_1:
-            m0 += f16_at(abuf, o + 2) * bs[b0, blk]
-    return hsum_f32(acc) + m0
+        acc0 = fma_i32(acc0, madd(dec_q32(fmt, abuf, o), load_i16x32(bq, e + blk * 32)),
+                       q32_scale_at(fmt, abuf, o) * bd[b0, blk])
+        o += bsz
+        acc1 = fma_i32(acc1, madd(dec_q32(fmt, abuf, o), load_i16x32(bq, e + blk * 32 + 32)),
+                       q32_scale_at(fmt, abuf, o) * bd[b0, blk + 1])
+    if nblk % 2:
+        o = ro + (nblk - 1) * bsz
+        acc0 = fma_i32(acc0, madd(dec_q32(fmt, abuf, o), load_i16x32(bq, e + K - 32)),
+                       q32_scale_at(fmt, abuf, o) * bd[b0, nblk - 1])
+    if f == Q4_1 or f == Q5_1:  # ggml adds m_a * s_b per block
+        for blk in range(nblk):
+            m0 += f16_at(abuf, ro + blk * bsz + 2) * bs[b0, blk]
+    return hsum_f32(add_f32(acc0, acc1)) + m0
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _q32_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: int, M: int, K: int,
               goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray, bq: np.ndarray,
               bd: np.ndarray, bs: np.ndarray, out: np.ndarray) -> None:
@@ -124,7 +130,7 @@ def _q32_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: in
             out[colo[c] + r] = _q32_col1(fmt, abuf, ro, K, bq, bd, bs, colb[c])
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _k_bytes(f: int) -> int:
     if f == Q2_K:
         return 84
@@ -139,127 +145,72 @@ def _k_bytes(f: int) -> int:
     return 136  # IQ4_XS
 
 
-@njit(cache=True)
-def _b(a: np.ndarray, i: int) -> int:
-    return np.int64(a[i])  # uint8 -> signed int64, so that mixed arithmetic stays integer
-
-
-@njit(cache=True)
-def _k_scales(f: int, a: np.ndarray, o: int, sc: np.ndarray, mn: np.ndarray) -> tuple[np.float32, np.float32]:
-    """Integer scale (and min) of each 16-element group of the super-block at `o`; returns (d, dmin)."""
-    if f == Q4_K or f == Q5_K:
-        for j in range(8):
-            if j < 4:
-                s, m = _b(a, o + 4 + j) & 63, _b(a, o + 8 + j) & 63
-            else:
-                s = (_b(a, o + 8 + j) & 15) | ((_b(a, o + j) >> 6) << 4)
-                m = (_b(a, o + 8 + j) >> 4) | ((_b(a, o + 4 + j) >> 6) << 4)
-            sc[2 * j] = sc[2 * j + 1] = s
-            mn[2 * j] = mn[2 * j + 1] = m
-        return f16_at(a, o), f16_at(a, o + 2)
-    if f == Q6_K:
-        for g in range(16):
-            sc[g] = np.int8(a[o + 192 + g])
-        return f16_at(a, o + 208), np.float32(0.0)
-    if f == Q3_K:
-        for g in range(16):
-            low = (_b(a, o + 96 + g) & 15) if g < 8 else (_b(a, o + 88 + g) >> 4)
-            high = (_b(a, o + 104 + g % 4) >> (2 * (g // 4))) & 3
-            sc[g] = (low | (high << 4)) - 32
-        return f16_at(a, o + 108), np.float32(0.0)
-    if f == Q2_K:
-        for g in range(16):
-            sc[g] = _b(a, o + g) & 15
-            mn[g] = _b(a, o + g) >> 4
-        return f16_at(a, o + 80), f16_at(a, o + 82)
-    hbits = _b(a, o + 2) | (_b(a, o + 3) << 8)  # IQ4_XS
-    for j in range(8):
-        ls = ((_b(a, o + 4 + j // 2) >> (4 * (j % 2))) & 15) | (((hbits >> (2 * j)) & 3) << 4)
-        sc[2 * j] = sc[2 * j + 1] = ls - 32
-    return f16_at(a, o), np.float32(0.0)
-
-
-@njit(cache=True)
-def _k_min(mn: np.ndarray, bsum: np.ndarray, b: int, sb: int) -> int:
-    total = 0
-    for g in range(16):
-        total += mn[g] * bsum[b, sb * 16 + g]
-    return total
-
-
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _k_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bd: np.ndarray, bsum: np.ndarray,
-             b0: int, b1: int, b2: int, b3: int, sc: np.ndarray, mn: np.ndarray) -> tuple[float, float, float, float]:
-    """Weight row at byte `ro` dotted with activation rows b0..b3 (sc, mn: scratch for the scales)."""
+             b0: int, b1: int, b2: int, b3: int) -> tuple[float, float, float, float]:
+    """Weight row at byte `ro` dotted with activation rows b0..b3; each super-block decoded once."""
     f = literal_value(fmt)
     bsz = _k_bytes(f)
     f0, f1, f2, f3 = zero_f32x16(), zero_f32x16(), zero_f32x16(), zero_f32x16()
-    m0 = m1 = m2 = m3 = np.float32(0.0)
+    m0, m1, m2, m3 = zero_f32x16(), zero_f32x16(), zero_f32x16(), zero_f32x16()
+    G = K // 16
     for sb in range(K // 256):
         o = ro + sb * bsz
-        d, dmin = _k_scales(f, abuf, o, sc, mn)
-        i0, i1, i2, i3 = zero_i32x16(), zero_i32x16(), zero_i32x16(), zero_i32x16()
-        for j in range(8):
-            q = dec_k(fmt, abuf, o, j, sc[2 * j], sc[2 * j + 1])
-            k = sb * 256 + j * 32
-            i0 = add_i32(i0, madd(q, load_i16x32(bq, b0 * K + k)))
-            i1 = add_i32(i1, madd(q, load_i16x32(bq, b1 * K + k)))
-            i2 = add_i32(i2, madd(q, load_i16x32(bq, b2 * K + k)))
-            i3 = add_i32(i3, madd(q, load_i16x32(bq, b3 * K + k)))
+        d, dmin = ksb_d(fmt, abuf, o)
+        e = sb * 256
+        i0, i1, i2, i3 = ksb_dot(fmt, abuf, o, bq, (b0 * K + e, b1 * K + e, b2 * K + e, b3 * K + e))
         f0 = fma_i32(f0, i0, d * bd[b0, sb])
         f1 = fma_i32(f1, i1, d * bd[b1, sb])
         f2 = fma_i32(f2, i2, d * bd[b2, sb])
         f3 = fma_i32(f3, i3, d * bd[b3, sb])
         if f == Q4_K or f == Q5_K or f == Q2_K:  # mins meet the activation's 16-sums (bsums)
-            m0 += dmin * bd[b0, sb] * np.float32(_k_min(mn, bsum, b0, sb))
-            m1 += dmin * bd[b1, sb] * np.float32(_k_min(mn, bsum, b1, sb))
-            m2 += dmin * bd[b2, sb] * np.float32(_k_min(mn, bsum, b2, sb))
-            m3 += dmin * bd[b3, sb] * np.float32(_k_min(mn, bsum, b3, sb))
-    return hsum_f32(f0) - m0, hsum_f32(f1) - m1, hsum_f32(f2) - m2, hsum_f32(f3) - m3
+            g = sb * 16
+            n0, n1, n2, n3 = ksb_min(fmt, abuf, o, bsum, (b0 * G + g, b1 * G + g, b2 * G + g, b3 * G + g))
+            m0 = fma_i32(m0, n0, dmin * bd[b0, sb])
+            m1 = fma_i32(m1, n1, dmin * bd[b1, sb])
+            m2 = fma_i32(m2, n2, dmin * bd[b2, sb])
+            m3 = fma_i32(m3, n3, dmin * bd[b3, sb])
+    return (hsum_f32(f0) - hsum_f32(m0), hsum_f32(f1) - hsum_f32(m1), hsum_f32(f2) - hsum_f32(m2),
+            hsum_f32(f3) - hsum_f32(m3))
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _k_col1(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bd: np.ndarray, bsum: np.ndarray,
-            b0: int, sc: np.ndarray, mn: np.ndarray) -> float:
+            b0: int) -> float:
     f = literal_value(fmt)
     bsz = _k_bytes(f)
-    acc = zero_f32x16()
-    m0 = np.float32(0.0)
+    acc, macc = zero_f32x16(), zero_f32x16()
     for sb in range(K // 256):
         o = ro + sb * bsz
-        d, dmin = _k_scales(f, abuf, o, sc, mn)
-        isum = zero_i32x16()
-        for j in range(8):
-            q = dec_k(fmt, abuf, o, j, sc[2 * j], sc[2 * j + 1])
-            isum = add_i32(isum, madd(q, load_i16x32(bq, b0 * K + sb * 256 + j * 32)))
+        d, dmin = ksb_d(fmt, abuf, o)
+        (isum,) = ksb_dot(fmt, abuf, o, bq, (b0 * K + sb * 256,))
         acc = fma_i32(acc, isum, d * bd[b0, sb])
         if f == Q4_K or f == Q5_K or f == Q2_K:
-            m0 += dmin * bd[b0, sb] * np.float32(_k_min(mn, bsum, b0, sb))
-    return hsum_f32(acc) - m0
+            (msum,) = ksb_min(fmt, abuf, o, bsum, (b0 * (K // 16) + sb * 16,))
+            macc = fma_i32(macc, msum, dmin * bd[b0, sb])
+    return hsum_f32(acc) - hsum_f32(macc)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _k_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: int, M: int, K: int,
             goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray, bq: np.ndarray,
             bd: np.ndarray, bsum: np.ndarray, out: np.ndarray) -> None:
     g, r0, r1 = _item(it, nch, rows, M)
     c0, c1 = gcols[g], gcols[g + 1]
-    sc = np.zeros(16, np.int32)
-    mn = np.zeros(16, np.int32)
     for r in range(r0, r1):
         ro = goff[g] + r * nb01
         c = c0
         while c + 4 <= c1:
             t0, t1, t2, t3 = _k_cols4(fmt, abuf, ro, K, bq, bd, bsum, colb[c], colb[c + 1], colb[c + 2],
-                                      colb[c + 3], sc, mn)
+                                      colb[c + 3])
             out[colo[c] + r], out[colo[c + 1] + r] = t0, t1
             out[colo[c + 2] + r], out[colo[c + 3] + r] = t2, t3
             c += 4
         for c in range(c, c1):
-            out[colo[c] + r] = _k_col1(fmt, abuf, ro, K, bq, bd, bsum, colb[c], sc, mn)
+            out[colo[c] + r] = _k_col1(fmt, abuf, ro, K, bq, bd, bsum, colb[c])
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _f_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bf: np.ndarray, b0: int, b1: int, b2: int,
              b3: int) -> tuple[float, float, float, float]:
     f = literal_value(fmt)
@@ -282,7 +233,7 @@ def _f_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bf: np.ndarray, b0: in
     return t0, t1, t2, t3
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _f_col1(fmt: int, abuf: np.ndarray, ro: int, K: int, bf: np.ndarray, b0: int) -> float:
     f = literal_value(fmt)
     esz = 4 if f == F32 else 2
@@ -296,7 +247,7 @@ def _f_col1(fmt: int, abuf: np.ndarray, ro: int, K: int, bf: np.ndarray, b0: int
     return t
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _f_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: int, M: int, K: int,
             goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray, bf: np.ndarray,
             out: np.ndarray) -> None:
@@ -316,7 +267,7 @@ def _f_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
 
 # --- drains: a thread pulls work items from the shared counter until none is left -----------------
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def q32_drain(fmt: int, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
               M: int, K: int, goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray,
               bq: np.ndarray, bd: np.ndarray, bs: np.ndarray, out: np.ndarray) -> None:
@@ -327,7 +278,7 @@ def q32_drain(fmt: int, counter: np.ndarray, nitems: int, nch: int, rows: int, a
         _q32_item(fmt, it, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bq, bd, bs, out)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def k_drain(fmt: int, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
             M: int, K: int, goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray,
             bq: np.ndarray, bd: np.ndarray, bsum: np.ndarray, out: np.ndarray) -> None:
@@ -338,7 +289,7 @@ def k_drain(fmt: int, counter: np.ndarray, nitems: int, nch: int, rows: int, abu
         _k_item(fmt, it, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bq, bd, bsum, out)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def f_drain(fmt: int, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
             M: int, K: int, goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray,
             bf: np.ndarray, out: np.ndarray) -> None:

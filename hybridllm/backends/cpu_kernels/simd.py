@@ -336,3 +336,13 @@ def atomic_next(typingctx: Any, counter: Any) -> Any:
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
         return builder.atomic_rmw("add", data, ir.Constant(_I64, 1), "monotonic")
     return types.int64(counter), codegen
+
+
+@intrinsic
+def add_f32(typingctx: Any, a: Any, b: Any) -> Any:
+    if a != F32x16 or b != F32x16:
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return builder.fadd(args[0], args[1])
+    return F32x16(a, b), codegen
