@@ -8,9 +8,9 @@ backend today and on CuPy or RPC devices later.
 from __future__ import annotations
 
 import bisect
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
-from ..backends.base import Backend, Buffer
+from ..backends.base import Backend
 from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import TensorFlag
@@ -153,7 +153,7 @@ class WeightStore:
         for info, off in zip(infos, offsets):
             t = self.tensors[info.name]
             t.buffer, t.offset = buf, off
-            backend.set(buf, off, memoryview(gguf.tensor_data(info.name)))
+            backend.set(buf, off, gguf.tensor_data(info.name).data)
 
     def __getitem__(self, name: str) -> Tensor:
         return self.tensors[name]

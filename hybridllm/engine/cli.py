@@ -12,8 +12,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -80,10 +81,10 @@ def _load(args: argparse.Namespace) -> ModelRunner:
 # run
 
 def _tokenizer(runner: ModelRunner) -> Any:
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, VocabError
     try:
         return Tokenizer.from_gguf(runner.metadata)
-    except Exception as exc:  # a vocab we cannot read is a user-facing error, not a crash
+    except (VocabError, ValueError, KeyError, TypeError) as exc:  # a bad vocab is a user error, not a crash
         raise CliError(f"{runner.model.path}: cannot load the tokenizer: {exc}") from None
 
 
@@ -99,7 +100,7 @@ def _sampler(args: argparse.Namespace, n_vocab: int) -> Any:
 
 
 def generate(runner: ModelRunner, tokenizer: Any, sampler: Any, prompt_ids: list[int], n_predict: int,
-             emit: Callable[[str], None], special: bool = True) -> dict[str, float]:
+             emit: Callable[[str], None], special: bool = True) -> dict[str, Any]:
     """Evaluate the prompt (appended to what the cache holds), then sample until n_predict or EOG."""
     from .tokenizer import StreamDecoder
     sampler.accept_many(prompt_ids)
@@ -121,7 +122,7 @@ def generate(runner: ModelRunner, tokenizer: Any, sampler: Any, prompt_ids: list
     emit(dec.flush())
     t2 = time.perf_counter()
     return {"n_prompt": len(prompt_ids), "prompt_s": t1 - t0, "n_gen": n_gen, "gen_s": t2 - t1,
-            "tokens": out}  # type: ignore[dict-item]
+            "tokens": out}
 
 
 def _print_timings(t: dict[str, Any], err: TextIO) -> None:

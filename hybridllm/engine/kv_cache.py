@@ -13,8 +13,8 @@ sized n_swa + n_ubatch rounded up to 256 so that a ubatch never overwrites a cel
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

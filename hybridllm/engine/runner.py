@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .alloc import ComputeBuffer
 from .gguf_file import GGUFFile
 from .kv_cache import ContextOverflow
 
-__all__ = ["ModelRunner", "RunnerConfig", "EngineError", "ContextOverflow", "load", "make_backend"]
+__all__ = ["ContextOverflow", "EngineError", "ModelRunner", "RunnerConfig", "load", "make_backend"]
 
 
 class EngineError(RuntimeError):
@@ -140,7 +140,8 @@ class ModelRunner:
                                         seed=seed), self.n_vocab)
         ids = tok.tokenize(prompt, add_special=self.n_past == 0, parse_special=True)
         sampler.accept_many(ids)
-        logits, out = self.decode(ids)[0], []
+        logits = self.decode(ids)[0]
+        out: list[int] = []
         while len(out) < n_predict:
             t = sampler.sample(logits)
             if tok.is_eog(t):

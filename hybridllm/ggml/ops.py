@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from .tensor import Tensor
-from .types import (GGML_MAX_NAME, TRAITS, GGMLOp, GGMLType, GluOp, TensorFlag, UnaryOp, nbytes,
-                    row_size)
+from .types import (
+    GGML_MAX_NAME,
+    TRAITS,
+    GGMLOp,
+    GGMLType,
+    GluOp,
+    TensorFlag,
+    UnaryOp,
+    row_size,
+)
 
-__all__ = ["GraphError", "Graph"]  # the op functions are used as ops.<name>
+__all__ = ["Graph", "GraphError"]  # the op functions are used as ops.<name>
 
 
 class GraphError(ValueError):
@@ -162,7 +170,7 @@ def _set_op(t: Tensor, op: GGMLOp, *src: Tensor | None, params: bytes | None = N
     return t
 
 
-def _params(*values: int | float) -> bytes:
+def _params(*values: float) -> bytes:
     """i32 for ints, f32 for floats, in order (ggml_set_op_params of a packed C array)."""
     return b"".join(struct.pack("<f", v) if isinstance(v, float) else struct.pack("<i", v)
                     for v in values)
@@ -559,7 +567,7 @@ def l2_norm(a: Tensor, eps: float, inplace: bool = False) -> Tensor:
     return _norm(GGMLOp.L2_NORM, a, eps, inplace)
 
 
-def sum(a: Tensor) -> Tensor:  # noqa: A001 - ggml's name
+def sum(a: Tensor) -> Tensor:
     return _set_op(_new(a.type, (1,)), GGMLOp.SUM, a)
 
 
@@ -835,8 +843,10 @@ class Graph:
             while i < len(srcs) and srcs[i] is None:
                 i += 1
             if i < len(srcs):
+                src = srcs[i]
+                assert src is not None
                 stack.append((node, i + 1))
-                stack.append((srcs[i], 0))
+                stack.append((src, 0))
                 continue
             if node.op == GGMLOp.NONE and not node.flags & TensorFlag.PARAM:
                 if not node.name:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -42,6 +43,27 @@ def inv_sqrtf(n: float) -> float:
 
 # ------------------------------------------------------------------------------------------------
 # hyper-parameters
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _rope_scaling(m: MetaReader) -> tuple[float, float, float]:
+    """(freq_scale, ext_factor, attn_factor) as llama_context derives them from the GGUF's rope keys."""
+    scaling = str(m.get("rope.scaling.type", "linear"))
+    if scaling not in ("none", "linear", "yarn"):
+        raise ModelError(f"{m.f.path}: rope scaling type {scaling!r} is not supported")
+    factor = float(m.get("rope.scaling.factor", m.get("rope.scale_linear", 0.0)))
+    freq_scale = 1.0 if (factor == 0.0 or scaling == "none") else f32(1.0 / factor)
+    ext_factor = 1.0 if scaling == "yarn" else 0.0
+    attn_factor = 1.0
+    if ext_factor != 0.0:  # YaRN magnitude correction, cancelled again inside the rope kernel
+        fac = 1.0 / freq_scale
+        log_mul = float(m.get("rope.scaling.yarn_log_multiplier", 0.0))
+        attn_factor = (_yarn_mscale(fac, 1.0) / _yarn_mscale(fac, log_mul)) if log_mul else _yarn_mscale(fac, 1.0)
+        attn_factor *= 1.0 / (1.0 + 0.1 * math.log(fac))
+    attn_factor *= float(m.get("rope.scaling.attn_factor", 1.0))
+    return freq_scale, ext_factor, f32(attn_factor)
 
 class MetaReader:
     """`{arch}.<key>` lookups with llama.cpp's defaults and one-line errors."""
@@ -91,6 +113,7 @@ class HParams:
     attn_factor: float
     beta_fast: float
     beta_slow: float
+    n_swa: int = 0    # sliding window of the SWA layers (0: none)
 
     @classmethod
     def common(cls, f: GGUFFile, rope_type: RopeMode) -> dict[str, Any]:
@@ -104,32 +127,19 @@ class HParams:
         if tok is None:
             raise ModelError(f"{f.path}: missing tensor 'token_embd.weight'")
         n_ctx_train = int(m.get("context_length", required=True))
-        scaling = str(m.get("rope.scaling.type", "linear"))
-        if scaling not in ("none", "linear", "yarn"):
-            raise ModelError(f"{f.path}: rope scaling type {scaling!r} is not supported")
-        factor = float(m.get("rope.scaling.factor", m.get("rope.scale_linear", 0.0)))
-        freq_scale = 1.0 if (factor == 0.0 or scaling == "none") else f32(1.0 / factor)
-        ext_factor = 1.0 if scaling == "yarn" else 0.0
-        attn_factor = 1.0
-        if ext_factor != 0.0:  # llama_context: YaRN magnitude correction, cancelled in the rope kernel
-            fac = 1.0 / freq_scale
-            log_mul = float(m.get("rope.scaling.yarn_log_multiplier", 0.0))
-            mscale = (lambda s, ms: 1.0 if s <= 1.0 else 0.1 * ms * math.log(s) + 1.0)
-            attn_factor = (mscale(fac, 1.0) / mscale(fac, log_mul)) if log_mul else mscale(fac, 1.0)
-            attn_factor *= 1.0 / (1.0 + 0.1 * math.log(fac))
-        attn_factor *= float(m.get("rope.scaling.attn_factor", 1.0))
-        return dict(
-            arch=f.arch, n_vocab=tok.ne[1], n_ctx_train=n_ctx_train, n_embd=n_embd,
-            n_layer=int(m.get("block_count", required=True)), n_head=n_head,
-            n_head_kv=int(m.uniform("attention.head_count_kv", n_head)),
-            n_ff=int(m.uniform("feed_forward_length", 0)), head_dim_k=head_k,
-            head_dim_v=int(m.get("attention.value_length", n_embd // n_head)),
-            n_rot=int(m.get("rope.dimension_count", head_k)),
-            rms_eps=f32(m.get("attention.layer_norm_rms_epsilon", required=True)),
-            rope_type=int(rope_type), rope_freq_base=f32(m.get("rope.freq_base", 10000.0)),
-            rope_freq_scale=freq_scale,
-            n_ctx_orig=int(m.get("rope.scaling.original_context_length", n_ctx_train)),
-            ext_factor=ext_factor, attn_factor=f32(attn_factor), beta_fast=32.0, beta_slow=1.0)
+        freq_scale, ext_factor, attn_factor = _rope_scaling(m)
+        return {
+            "arch": f.arch, "n_vocab": tok.ne[1], "n_ctx_train": n_ctx_train, "n_embd": n_embd,
+            "n_layer": int(m.get("block_count", required=True)), "n_head": n_head,
+            "n_head_kv": int(m.uniform("attention.head_count_kv", n_head)),
+            "n_ff": int(m.uniform("feed_forward_length", 0)), "head_dim_k": head_k,
+            "head_dim_v": int(m.get("attention.value_length", n_embd // n_head)),
+            "n_rot": int(m.get("rope.dimension_count", head_k)),
+            "rms_eps": f32(m.get("attention.layer_norm_rms_epsilon", required=True)),
+            "rope_type": int(rope_type), "rope_freq_base": f32(m.get("rope.freq_base", 10000.0)),
+            "rope_freq_scale": freq_scale,
+            "n_ctx_orig": int(m.get("rope.scaling.original_context_length", n_ctx_train)),
+            "ext_factor": ext_factor, "attn_factor": attn_factor, "beta_fast": 32.0, "beta_slow": 1.0}
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> HParams:
@@ -212,10 +222,10 @@ class Model(ABC):
         size = pad(n_ctx)
         layers = self.layer_kv()
         swa_layers = [s for s in layers if self.hp.is_swa(s.il)]
-        kw: dict[str, Any] = dict(type_k=type_k, type_v=type_v, v_trans=v_trans)
+        kw: dict[str, Any] = {"type_k": type_k, "type_v": type_v, "v_trans": v_trans}
         if not swa_layers:
             return KVUnified(KVCache(self.backend, layers, size, **kw))
-        n_swa = getattr(self.hp, "n_swa")
+        n_swa = self.hp.n_swa
         base = KVCache(self.backend, [s for s in layers if not self.hp.is_swa(s.il)], size, **kw)
         swa = KVCache(self.backend, swa_layers, pad(min(size, n_swa + n_ubatch)), n_swa=n_swa, **kw)
         return KVCacheISWA(base, swa)

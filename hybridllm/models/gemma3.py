@@ -7,7 +7,6 @@ logit soft-capping. Layers alternate sliding-window (iSWA cache: a small ring) a
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,15 +15,25 @@ from ..engine.gguf_file import GGUFFile
 from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import RopeMode
-from .blocks import (GraphContext, HParams, MetaReader, Model, ModelError, TensorSpec, dense_ffn_specs, f32,
-                     inv_sqrtf, std_io_specs, std_layer_specs)
+from .blocks import (
+    GraphContext,
+    HParams,
+    MetaReader,
+    Model,
+    ModelError,
+    TensorSpec,
+    dense_ffn_specs,
+    f32,
+    inv_sqrtf,
+    std_io_specs,
+    std_layer_specs,
+)
 
 DEFAULT_SWA_PATTERN = 6  # five sliding-window layers, then one global layer
 
 
 @dataclass(kw_only=True)
 class Gemma3HParams(HParams):
-    n_swa: int = 0                          # sliding window (0: every layer is global)
     swa_layers: tuple[bool, ...] = field(default_factory=tuple)
     rope_freq_base_swa: float = 10000.0
     rope_freq_scale_swa: float = 1.0

@@ -12,8 +12,18 @@ from ..engine.gguf_file import GGUFFile
 from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import RopeMode
-from .blocks import (GraphContext, HParams, MetaReader, Model, ModelError, TensorSpec, dense_ffn_specs,
-                     inv_sqrtf, std_io_specs, std_layer_specs)
+from .blocks import (
+    GraphContext,
+    HParams,
+    MetaReader,
+    Model,
+    ModelError,
+    TensorSpec,
+    dense_ffn_specs,
+    inv_sqrtf,
+    std_io_specs,
+    std_layer_specs,
+)
 
 
 @dataclass(kw_only=True)

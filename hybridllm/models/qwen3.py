@@ -11,8 +11,17 @@ from ..engine.gguf_file import GGUFFile
 from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import RopeMode
-from .blocks import (GraphContext, HParams, Model, ModelError, TensorSpec, dense_ffn_specs, inv_sqrtf,
-                     std_io_specs, std_layer_specs)
+from .blocks import (
+    GraphContext,
+    HParams,
+    Model,
+    ModelError,
+    TensorSpec,
+    dense_ffn_specs,
+    inv_sqrtf,
+    std_io_specs,
+    std_layer_specs,
+)
 
 
 @dataclass(kw_only=True)

@@ -11,7 +11,16 @@ from ..engine.gguf_file import GGUFFile
 from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import RopeMode
-from .blocks import GraphContext, HParams, MetaReader, Model, ModelError, TensorSpec, std_io_specs, std_layer_specs
+from .blocks import (
+    GraphContext,
+    HParams,
+    MetaReader,
+    Model,
+    ModelError,
+    TensorSpec,
+    std_io_specs,
+    std_layer_specs,
+)
 from .qwen3 import qk_normed_attention
 
 

@@ -11,17 +11,30 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from ctypes import c_bool, c_size_t, c_void_p
+from collections.abc import Callable, Sequence
+from ctypes import c_void_p
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
 from hybridllm.backends.base import nodes_to_run
 from hybridllm.ggml.tensor import Tensor
-from hybridllm.ggml.types import GGMLOp, GGMLType, TRAITS
-from hybridllm.testing.ggml_ref import (_T_DATA, _T_FLAGS, _T_NB, _T_NE, _T_OP, _T_PARAMS, _T_SRC, _T_TYPE,
-                                        _T_VIEW_OFFS, _T_VIEW_SRC, _GgmlInitParams, ggml_libs, tensor_values)
+from hybridllm.ggml.types import GGMLOp
+from hybridllm.testing.ggml_ref import (
+    _T_DATA,
+    _T_FLAGS,
+    _T_NB,
+    _T_NE,
+    _T_OP,
+    _T_PARAMS,
+    _T_SRC,
+    _T_TYPE,
+    _T_VIEW_OFFS,
+    _T_VIEW_SRC,
+    _GgmlInitParams,
+    ggml_libs,
+    tensor_values,
+)
 
 
 def _addr(t: Tensor) -> int:

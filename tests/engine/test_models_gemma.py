@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ggml_nodes import check_plan, summarize
+from test_models_synth import NODE_TOL, NODE_TOL_OP, REL_TOL, rel_err
+
 from hybridllm.engine.runner import load
 from hybridllm.testing.peer_master import run_master
-from test_models_synth import NODE_TOL, NODE_TOL_OP, REL_TOL, rel_err
 
 # "<bos>The capital of France is a city of" ... (ids from llama.cpp's tokenizer for this model)
 PROMPT = [2, 818, 5279, 529, 7001, 563, 496, 3495, 236764, 532, 1041, 1270, 236787]
@@ -101,7 +101,7 @@ print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 def test_rss_under_1_5_gb(gemma_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(gemma_path), json.dumps(PROMPT)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rss_mb = json.loads(proc.stdout.strip().splitlines()[-1])["maxrss_kb"] / 1024
     assert rss_mb < 1536, f"peak RSS {rss_mb:.0f} MB"

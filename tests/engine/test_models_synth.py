@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ggml_nodes import check_plan
+
 from hybridllm.engine.runner import ModelRunner, load
 from hybridllm.testing.peer_master import run_master
 from hybridllm.testing.synth import ARCHS, model_path
