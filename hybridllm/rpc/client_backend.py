@@ -18,6 +18,8 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from typing_extensions import Self
+
 from ..backends.base import Backend, Buffer, Unsupported, nodes_to_run
 from ..ggml.tensor import Tensor
 from ..ggml.types import GGMLOp, GGMLType
@@ -44,7 +46,7 @@ class RpcBuffer(Buffer):
     """A remote buffer. `usage`: "weights" (large uploads go through SET_TENSOR_HASH), "compute", or None
     (automatic: weights until a prepared graph writes into the buffer)."""
 
-    __slots__ = ("handle", "link", "generation", "usage", "written")
+    __slots__ = ("generation", "handle", "link", "usage", "written")
 
     def __init__(self, backend: RpcBackend, size: int, base: int, handle: int, generation: int,
                  usage: str | None) -> None:
@@ -174,7 +176,7 @@ class RpcPlan:
     """A serialized graph bound to one connection. `run()` queues GRAPH_COMPUTE or GRAPH_RECOMPUTE and
     flushes, so the worker starts at once; results are read with `get` (the first reply-bearing call)."""
 
-    __slots__ = ("backend", "uid", "generation", "buffers", "compute", "recompute", "n_nodes", "n_tensors")
+    __slots__ = ("backend", "buffers", "compute", "generation", "n_nodes", "n_tensors", "recompute", "uid")
 
     def __init__(self, backend: RpcBackend, uid: int, generation: int, buffers: list[RpcBuffer],
                  compute: bytes, recompute: bytes, n_nodes: int, n_tensors: int) -> None:
@@ -279,7 +281,7 @@ class RpcBackend(Backend):
                 if _links.get((link.endpoint, link.token)) is link:
                     del _links[(link.endpoint, link.token)]
 
-    def __enter__(self) -> RpcBackend:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -421,6 +423,13 @@ class RpcBackend(Backend):
 
     def prepare(self, nodes: Sequence[Tensor]) -> RpcPlan:
         """Serialize the graph once (tensor ids are local, 1..n) under a new uid."""
+        return self._plan(nodes, next(_uids))
+
+    def compute(self, nodes: Sequence[Tensor]) -> None:
+        """Run a graph once: uid 0, so the worker does not cache it."""
+        self._plan(nodes, 0).run()
+
+    def _plan(self, nodes: Sequence[Tensor], uid: int) -> RpcPlan:
         tensors = _post_order(nodes)
         ids = {id(t): i + 1 for i, t in enumerate(tensors)}
         uses: collections.Counter[int] = collections.Counter()
@@ -429,7 +438,6 @@ class RpcBackend(Backend):
         with self._conn():
             wire = [self._wire(t, ids, uses.get(id(t), 0)) for t in tensors]
             buffers = self._check_placement(nodes, tensors, wire, ids)
-            uid = next(_uids)
             req = P.GraphComputeReq(self.device, uid, tuple(ids[id(n)] for n in nodes), tuple(wire))
             return RpcPlan(self, uid, self.link.generation, buffers, P.request_bytes(req),
                            P.request_bytes(P.GraphRecomputeReq(self.device, uid)), len(nodes), len(wire))
@@ -462,7 +470,9 @@ class RpcBackend(Backend):
             if plan.n_nodes == 0:
                 return
             cache = self.link.uids.setdefault(self.device, {})
-            if cache.get(plan.uid):
+            if plan.uid == 0:
+                conn.send_frame("GRAPH_COMPUTE", [plan.compute])
+            elif cache.get(plan.uid):
                 conn.send_frame("GRAPH_RECOMPUTE", [plan.recompute])
             else:
                 if len(cache) >= P.GRAPH_CACHE_LIMIT:

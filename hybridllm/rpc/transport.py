@@ -12,12 +12,16 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
+from typing_extensions import Self
+
 from . import auth
 from . import protocol as P
 
 _COPY_MAX = 64 << 10      # frames up to this are copied into the send queue; larger ones go out at once
 _QUEUE_MAX = 1 << 20      # queued bytes that force a flush
 _HELLO_RSP_SIZE = P.HelloRsp.SIZE
+_KEEPALIVE = [(getattr(socket, name), value) for name, value in
+              (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)) if hasattr(socket, name)]
 _MAX_TRACE = 6            # unanswered commands named in a "worker closed the connection" error
 
 
@@ -102,6 +106,7 @@ class RpcConnection:
 
     # --- errors ----------------------------------------------------------------------------------------------
     def _fail(self, cls: type[RpcError], message: str) -> RpcError:
+        self._queue.clear()   # nothing more goes to a connection in an unknown state
         self.close()
         return cls(self.endpoint, message)
 
@@ -131,6 +136,8 @@ class RpcConnection:
             raise RpcError(self.endpoint, f"cannot connect: {reason}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in _KEEPALIVE:   # a vanished host is noticed in about a minute, even without timeouts
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
         self.traffic.connections += 1
         return sock
 
@@ -151,8 +158,8 @@ class RpcConnection:
 
     def _handshake(self, key: bytes | None) -> None:
         nonce = auth.new_nonce()
-        self._close_hint = (RpcError, "the worker closed the connection during HELLO (does it require a "
-                                      "token? does it speak another protocol version?)")
+        self._close_hint = (RpcError, ("the worker closed the connection during HELLO (does it require a "
+                                       "token? does it speak another protocol version?)"))
         rsp = self._hello(auth.hello_caps(nonce) if key else bytes(P.CONN_CAPS_SIZE), "during HELLO")
         self.version = (rsp.major, rsp.minor, rsp.patch)
         if rsp.major != P.PROTO_VERSION[0] or rsp.minor > P.PROTO_VERSION[1]:
@@ -275,7 +282,7 @@ class RpcConnection:
         except OSError:
             pass
 
-    def __enter__(self) -> RpcConnection:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from typing_extensions import Self
 
 from hybridllm.backends.base import Backend, Buffer
 from hybridllm.engine.alloc import bind_views
@@ -116,7 +117,7 @@ class FakeServer:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> FakeServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -133,4 +134,4 @@ def recv_exact(conn: socket.socket, n: int) -> bytes:
     return data
 
 
-__all__ = ["F32", "HOST", "Net", "Q8_0", "FakeServer", "free_port", "place", "recv_exact", "spawn_worker"]
+__all__ = ["F32", "HOST", "Q8_0", "FakeServer", "Net", "free_port", "place", "recv_exact", "spawn_worker"]

@@ -148,3 +148,21 @@ def test_prepare_refuses_nodes_stored_elsewhere(backend: RpcBackend) -> None:
     place(NumpyBackend(), [a])
     with pytest.raises(Unsupported, match="not stored in a buffer of RPC0"):
         backend.prepare(g.nodes)
+
+
+def test_one_shot_compute_is_not_cached(backend: RpcBackend) -> None:
+    """Backend.compute() sends uid 0 (never cached by the worker), every time in full."""
+    a = ops.new_tensor_1d(F32, 8)
+    out = ops.scale(a, -2.0)
+    g = ops.Graph()
+    g.expand(out)
+    place(backend, [a, out])
+    before = backend.traffic.copy()
+    for k in range(2):
+        backend.set(a.buffer, a.offset, np.full(8, k + 1, np.float32).tobytes())
+        backend.compute(g.nodes)
+        got = np.frombuffer(backend.get(out.buffer, out.offset, 32), np.float32)
+        np.testing.assert_array_equal(got, np.full(8, -2.0 * (k + 1)))
+    delta = backend.traffic - before
+    assert delta.commands["GRAPH_COMPUTE"] == 2 and delta.commands["GRAPH_RECOMPUTE"] == 0
+    assert not backend.link.uids.get(0)

@@ -1,0 +1,43 @@
+"""The master engine (ModelRunner) with every layer on an RpcBackend gives the logits it gives locally, and a
+decode step after the first costs one round trip: inputs and GRAPH_RECOMPUTE ride with the logits read."""
+from __future__ import annotations
+
+import numpy as np
+
+from hybridllm.engine.runner import load
+from hybridllm.rpc.client_backend import RpcBackend
+from hybridllm.testing.synth import model_path
+
+PROMPT = [1, 5, 9, 33, 100, 7]
+FED = [17, 3, 250, 41]
+
+
+def _logits(runner) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    rows = [runner.decode(PROMPT)[0]] + [runner.decode([t])[0] for t in FED]
+    runner.close()
+    return rows
+
+
+def test_runner_on_rpc_backend(server, tmp_path_factory) -> None:
+    path = model_path(tmp_path_factory.getbasetemp() / "synth", "llama", "q8_0")
+    want = _logits(load(path, n_ctx=256, flash_attn=False))
+    with RpcBackend(server.endpoint) as be:
+        runner = load(path, device=be, n_ctx=256, flash_attn=False)
+        steps = []
+        got = [runner.decode(PROMPT)[0]]
+        for t in FED:
+            before = be.traffic.copy()
+            got.append(runner.decode([t])[0])
+            steps.append(be.traffic - before)
+        runner.close()
+    for g, w in zip(got, want):
+        if server.kind == "ours":
+            np.testing.assert_array_equal(g, w)
+        else:   # ggml's kernels without flash attention: float rounding only
+            assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
+    for st in steps[1:]:   # the first 1-token step builds its graph; later ones reuse it
+        assert st.round_trips == 1 and st.commands["GRAPH_RECOMPUTE"] == 1 and st.commands["GRAPH_COMPUTE"] == 0
+        assert st.bytes_received == 8 + 4 * len(want[0])
+    st = steps[-1]
+    print(f"\n{server.kind}: per decode step {st.bytes_sent} B sent, {st.bytes_received} B received, "
+          f"{st.round_trips} round trip, {st.messages} messages {dict(st.commands)}")
