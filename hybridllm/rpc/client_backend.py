@@ -349,17 +349,20 @@ class RpcBackend(Backend):
 
     def get(self, buf: Buffer, offset: int, size: int) -> bytes:
         with self._conn([buf]) as conn:
-            t = self._span(buf, offset, size)
-            if size == 0:
-                return b""
-            rsp = conn.call(P.GetTensorReq(t, 0, size))
-        return bytes(rsp.data)  # type: ignore[attr-defined]
+            self._span(buf, offset, size)
+            reqs = [P.GetTensorReq(self._span(buf, offset + pos, min(_CHUNK, size - pos)), 0,
+                                   min(_CHUNK, size - pos)) for pos in range(0, size, _CHUNK)]
+            rsps = conn.call_many(reqs) if reqs else []   # one round trip however many chunks
+        if len(rsps) == 1:
+            return bytes(rsps[0].data)  # type: ignore[attr-defined]
+        return b"".join(r.data for r in rsps)  # type: ignore[attr-defined]
 
     def memset(self, buf: Buffer, offset: int, size: int, value: int) -> None:
         with self._conn([buf]) as conn:
-            t = self._span(buf, offset, size)
-            if size:
-                conn.send(P.MemsetTensorReq(t, 0, size, value & 0xFF))
+            self._span(buf, offset, size)
+            for pos in range(0, size, _CHUNK):
+                n = min(_CHUNK, size - pos)
+                conn.send(P.MemsetTensorReq(self._span(buf, offset + pos, n), 0, n, value & 0xFF))
 
     def clear(self, buf: Buffer, value: int) -> None:
         with self._conn([buf]) as conn:
@@ -370,10 +373,11 @@ class RpcBackend(Backend):
         if not isinstance(src, RpcBuffer) or src.link is not self.link:
             return False
         with self._conn([src, dst]) as conn:
-            if size == 0:
-                return True
-            rsp = conn.call(P.CopyTensorReq(self._span(src, src_off, size), self._span(dst, dst_off, size)))
-        return bool(rsp.result)  # type: ignore[attr-defined]
+            reqs = [P.CopyTensorReq(self._span(src, src_off + pos, min(_CHUNK, size - pos)),
+                                    self._span(dst, dst_off + pos, min(_CHUNK, size - pos)))
+                    for pos in range(0, size, _CHUNK)]
+            rsps = conn.call_many(reqs) if reqs else []
+        return all(r.result for r in rsps)  # type: ignore[attr-defined]
 
     def alloc_size(self, tensor: Tensor) -> int:
         """GET_ALLOC_SIZE where llama.cpp asks it (padded quantized rows, ops with scratch), cached per

@@ -6,6 +6,7 @@ import numpy as np
 
 from hybridllm.engine.runner import load
 from hybridllm.rpc.client_backend import RpcBackend
+from hybridllm.testing.peer_master import run_master
 from hybridllm.testing.synth import model_path
 
 PROMPT = [1, 5, 9, 33, 100, 7]
@@ -41,3 +42,19 @@ def test_runner_on_rpc_backend(server, tmp_path_factory) -> None:
     st = steps[-1]
     print(f"\n{server.kind}: per decode step {st.bytes_sent} B sent, {st.bytes_received} B received, "
           f"{st.round_trips} round trip, {st.messages} messages {dict(st.commands)}")
+
+
+def test_gemma_on_llama_cpp_rpc_server_matches_llama_cpp(gemma_path, llama_server, tmp_path) -> None:
+    """Our master's graphs run by llama.cpp's own rpc-server give llama.cpp's own master's logits (Gemma 3
+    270M Q4_K_M: real weights, iSWA caches, 1 MiB of logits per step). Any wrong address, stride, view or
+    flag in what the client serializes would show as a large error; the reference is independent code."""
+    prompt = [2, 818, 5279, 529, 7001, 563]
+    ref = run_master(gemma_path, tmp_path / "master", prompt_ids=prompt, n_predict=4, flash_attn="off",
+                     n_ctx=512, timeout=120)
+    with RpcBackend(llama_server.endpoint) as be:
+        runner = load(gemma_path, device=be, n_ctx=512, flash_attn=False)
+        got = [runner.decode(prompt)[-1]] + [runner.decode([t])[-1] for t in ref.fed]
+        runner.close()
+    for g, w in zip(got, ref.logits):
+        assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max()
+    assert [int(g.argmax()) for g in got] == ref.tokens

@@ -11,6 +11,7 @@ from hybridllm.backends.base import Unsupported
 from hybridllm.backends.numpy_backend import NumpyBackend
 from hybridllm.ggml import ops
 from hybridllm.ggml.types import GGMLType
+from hybridllm.rpc import client_backend
 from hybridllm.rpc import protocol as P
 from hybridllm.rpc.client_backend import RpcBackend
 
@@ -166,3 +167,23 @@ def test_one_shot_compute_is_not_cached(backend: RpcBackend) -> None:
     delta = backend.traffic - before
     assert delta.commands["GRAPH_COMPUTE"] == 2 and delta.commands["GRAPH_RECOMPUTE"] == 0
     assert not backend.link.uids.get(0)
+
+
+def test_large_transfers_are_split(backend: RpcBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transfers above the 32-bit ne0 limit go in chunks (here shrunk to 100 bytes); reads stay one round trip."""
+    monkeypatch.setattr(client_backend, "_CHUNK", 100)
+    buf = backend.alloc_buffer(1024)
+    assert buf is not None
+    data = np.random.default_rng(5).integers(0, 256, 1000, dtype=np.uint8)
+    before = backend.traffic.copy()
+    backend.set(buf, 7, memoryview(data))
+    backend.memset(buf, 500, 250, 0x42)
+    assert backend.copy(buf, 7, buf, 1007 - 250, 250) is True
+    got = backend.get(buf, 7, 1000)
+    want = data.copy()
+    want[493:743] = 0x42
+    want[750:1000] = want[0:250]
+    assert got == want.tobytes()
+    delta = backend.traffic - before
+    assert delta.commands == {"SET_TENSOR": 10, "MEMSET_TENSOR": 3, "COPY_TENSOR": 3, "GET_TENSOR": 10}
+    assert delta.round_trips == 2
