@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -140,3 +142,15 @@ def test_client_never_sends_the_token() -> None:
     assert first[:9] == struct.pack("<BQ", 14, 24) and first[9:17] == b"HLLMTOK1"
     assert second[9:] == _hmac(b"client", first[17:], worker)
     assert TOKEN.encode() not in first + second
+
+
+def test_token_from_environment_and_empty_token(tmp_path) -> None:
+    with start_worker(log_dir=tmp_path, env={"HYBRIDLLM_RPC_TOKEN": "from-env"}) as srv:
+        with pytest.raises(AuthError):
+            RpcBackend(srv.endpoint, token=TOKEN)
+        with RpcBackend(srv.endpoint, token="from-env") as be:
+            assert be.memory()[1] > 0
+    proc = subprocess.run([sys.executable, "-m", "hybridllm.cli", "worker", "--token", ""],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["hybridllm worker: error: --token must not be empty"]
