@@ -19,9 +19,13 @@ def _logits(runner) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     return rows
 
 
-def test_runner_on_rpc_backend(server, tmp_path_factory) -> None:
+def test_runner_on_rpc_backend(server, tmp_path_factory, tmp_path) -> None:
     path = model_path(tmp_path_factory.getbasetemp() / "synth", "llama", "q8_0")
-    want = _logits(load(path, n_ctx=256, flash_attn=False))
+    if server.kind == "ours":   # the same kernels run locally: equal bits
+        want = np.stack(_logits(load(path, n_ctx=256, flash_attn=False)))
+    else:                       # ggml's kernels: llama.cpp's own master is the reference
+        want = run_master(path, tmp_path / "m", prompt_ids=PROMPT, n_predict=len(FED) + 1, force_tokens=FED,
+                          flash_attn="off", n_ctx=256, timeout=120).logits
     with RpcBackend(server.endpoint) as be:
         runner = load(path, device=be, n_ctx=256, flash_attn=False)
         steps = []
@@ -32,10 +36,7 @@ def test_runner_on_rpc_backend(server, tmp_path_factory) -> None:
             steps.append(be.traffic - before)
         runner.close()
     for g, w in zip(got, want):
-        if server.kind == "ours":
-            np.testing.assert_array_equal(g, w)
-        else:   # ggml's kernels without flash attention: float rounding only
-            assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max()
+        assert np.abs(g - w).max() <= (0 if server.kind == "ours" else 1e-5 * np.abs(w).max())
     for st in steps[1:]:   # the first 1-token step builds its graph; later ones reuse it
         assert st.round_trips == 1 and st.commands["GRAPH_RECOMPUTE"] == 1 and st.commands["GRAPH_COMPUTE"] == 0
         assert st.bytes_received == 8 + 4 * len(want[0])
