@@ -26,10 +26,12 @@ from hybridllm.backends.cpu_kernels import get_matmul, set_num_threads  # noqa: 
 from hybridllm.backends.numpy_ops.matmul import mul_mat_ref  # noqa: E402
 from hybridllm.ggml.types import GGMLType as T  # noqa: E402
 
-# (name, weight type, K, M): gemma-3-270m Q4_K_M matrices
-SHAPES = [("output/token_embd", T.Q8_0, 640, 262144), ("attn_q (Q5_0)", T.Q5_0, 640, 1024),
-          ("ffn_down (Q6_K)", T.Q6_K, 2048, 640), ("attn_output (Q4_K)", T.Q4_K, 1024, 640),
-          ("ffn_gate/up (Q5_0)", T.Q5_0, 640, 2048)]
+# (name, weight type, K, M, uses per decoded token): the gemma-3-270m Q4_K_M matrices (18 layers;
+# ffn_down is Q6_K in 9 layers and Q4_K in the others)
+SHAPES = [("output/token_embd", T.Q8_0, 640, 262144, 1), ("attn_q", T.Q5_0, 640, 1024, 18),
+          ("attn_k", T.Q5_0, 640, 256, 18), ("attn_v", T.Q8_0, 640, 256, 18),
+          ("attn_output", T.Q4_K, 1024, 640, 18), ("ffn_gate/up", T.Q5_0, 640, 2048, 36),
+          ("ffn_down", T.Q6_K, 2048, 640, 9), ("ffn_down", T.Q4_K, 2048, 640, 9)]
 
 
 def best_of(fn: Callable[[], None], seconds: float = 1.0, min_runs: int = 3) -> float:
@@ -49,43 +51,67 @@ class _CPlan(ctypes.Structure):  # struct ggml_cplan (ggml-cpu.h)
                 ("abort_callback_data", ctypes.c_void_p), ("use_ref", ctypes.c_bool)]
 
 
-def bench_ggml(atype: int, A: np.ndarray, B: np.ndarray, threads: int) -> float:
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+def ggml_libs(lib_dir: str | None) -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """libggml-base and libggml-cpu: from `lib_dir`, else the peer wheel (patched for this glibc)."""
+    if lib_dir is None:
+        from hybridllm.testing.ggml_ref import ggml_libs as peer_libs
+        base, cpu = peer_libs()
+    else:
+        base = ctypes.CDLL(str(Path(lib_dir) / "libggml-base.so.0"), mode=ctypes.RTLD_GLOBAL)
+        cpu = ctypes.CDLL(str(Path(lib_dir) / "libggml-cpu.so.0"), mode=ctypes.RTLD_GLOBAL)
+    vp = ctypes.c_void_p
+    for name, args, res in [("ggml_init", [_InitParams], vp), ("ggml_free", [vp], None),
+                            ("ggml_new_tensor_2d", [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64], vp),
+                            ("ggml_mul_mat", [vp, vp, vp], vp), ("ggml_get_data", [vp], vp),
+                            ("ggml_new_graph", [vp], vp), ("ggml_build_forward_expand", [vp, vp], None)]:
+        fn = getattr(base, name)
+        fn.argtypes, fn.restype = args, res
+    cpu.ggml_graph_plan.argtypes, cpu.ggml_graph_plan.restype = [vp, ctypes.c_int, vp], _CPlan
+    cpu.ggml_graph_compute.argtypes = [vp, ctypes.POINTER(_CPlan)]
+    cpu.ggml_cpu_init()
+    return base, cpu
+
+
+def bench_ggml(libs: tuple[ctypes.CDLL, ctypes.CDLL], atype: int, A: np.ndarray, B: np.ndarray,
+               threads: int) -> float:
     """Best time of ggml_graph_compute (plan made once, as llama.cpp does) for one MUL_MAT node."""
-    from hybridllm.testing.ggml_ref import GT, GGMLGraph
+    base, cpu = libs
     K, M, N = B.shape[1], A.shape[0], B.shape[0]
-    with GGMLGraph(A.nbytes + B.nbytes + 4 * M * N + (16 << 20)) as g:
-        a = g.new(atype, (K, M))
-        g.mem[a.offset:a.offset + A.size] = A.reshape(-1)
-        b = g.new(T.F32, (K, N), B)
-        fn = g.base_lib.ggml_mul_mat
-        fn.argtypes, fn.restype = [ctypes.c_void_p] * 3, ctypes.c_void_p
-        out = GT(fn(g.ctx, a.ptr, b.ptr), g)
-        gf = g.base_lib.ggml_new_graph_custom(g.ctx, 16, False)
-        g.base_lib.ggml_build_forward_expand(gf, out.ptr)
-        cpu = g.cpu_lib
-        cpu.ggml_graph_plan.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        cpu.ggml_graph_plan.restype = _CPlan
-        cpu.ggml_graph_compute.argtypes = [ctypes.c_void_p, ctypes.POINTER(_CPlan)]
+    mem = np.zeros(A.nbytes + B.nbytes + 4 * M * N + (1 << 20), np.uint8)
+    ctx = base.ggml_init(_InitParams(mem.size, mem.ctypes.data, False))
+    try:
+        a = base.ggml_new_tensor_2d(ctx, int(atype), K, M)
+        b = base.ggml_new_tensor_2d(ctx, int(T.F32), K, N)
+        ctypes.memmove(base.ggml_get_data(a), A.ctypes.data, A.nbytes)
+        ctypes.memmove(base.ggml_get_data(b), B.ctypes.data, B.nbytes)
+        gf = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(gf, base.ggml_mul_mat(ctx, a, b))
         plan = cpu.ggml_graph_plan(gf, threads, None)
         work = np.zeros(max(plan.work_size, 1), np.uint8)
         plan.work_data = work.ctypes.data
         return best_of(lambda: cpu.ggml_graph_compute(gf, ctypes.byref(plan)))
+    finally:
+        base.ggml_free(ctx)
 
 
-def bench_one(atype: int, K: int, M: int, N: int, ref: bool, ggml_threads: int = 0
+def bench_one(atype: int, K: int, M: int, N: int, ref: bool, ggml: tuple | None = None, threads: int = 1
               ) -> tuple[float, float | None, float | None, int]:
     rng = np.random.default_rng(0)
     A = random_rows(rng, atype, (M,), K)
     B = rng.standard_normal((N, K)).astype(np.float32)
     out = np.zeros((N, M), np.float32)
-    mm = get_matmul(atype, T.F32)
-    assert mm is not None
-    args = (A.reshape(-1), A.shape[-1], M, K, np.zeros(1, np.int64), np.array([0, N], np.int64),
-            np.arange(N, dtype=np.int64), np.arange(N, dtype=np.int64) * M, B.view(np.uint8).reshape(-1),
-            np.arange(N, dtype=np.int64) * K * 4, out.reshape(-1))
-    t_fast = best_of(lambda: mm(*args))
+    bind = get_matmul(atype, T.F32)
+    assert bind is not None
+    run = bind(A.reshape(-1), A.shape[-1], M, K, np.zeros(1, np.int64), np.array([0, N], np.int64),
+               np.arange(N, dtype=np.int64), np.arange(N, dtype=np.int64) * M, B.view(np.uint8).reshape(-1),
+               np.arange(N, dtype=np.int64) * K * 4, out.reshape(-1))
+    t_fast = best_of(run)
     t_ref = best_of(lambda: mul_mat_ref(A[None, None], atype, B[None, None]), 0.5, 1) if ref else None
-    t_ggml = bench_ggml(atype, A, B, ggml_threads) if ggml_threads else None
+    t_ggml = bench_ggml(ggml, atype, A, B, threads) if ggml else None
     return t_fast, t_ref, t_ggml, A.nbytes
 
 
@@ -95,19 +121,25 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--no-ref", action="store_true", help="skip the (slow) numpy reference")
     ap.add_argument("--no-ggml", action="store_true", help="skip the real-ggml comparison")
+    ap.add_argument("--ggml-lib-dir", help="load libggml-base/-cpu.so.0 from here instead of the peer wheel")
     args = ap.parse_args()
     set_num_threads(args.threads)
+    libs = None if args.no_ggml else ggml_libs(args.ggml_lib_dir)
     print(f"threads={args.threads}")
     print(f"{'matrix':22s} {'type':5s} {'K':>5s} {'M':>7s} {'N':>3s} | {'numba ms':>9s} {'GFLOP/s':>8s} "
           f"{'GB/s':>6s} | {'numpy ms':>9s} {'GFLOP/s':>8s} | {'ggml ms':>9s} {'GFLOP/s':>8s}")
     for N in args.n:
-        for name, atype, K, M in SHAPES:
-            t_fast, t_ref, t_ggml, nbytes = bench_one(atype, K, M, N, not args.no_ref,
-                                                      0 if args.no_ggml else args.threads)
+        step = {"numba": 0.0, "ggml": 0.0}
+        for name, atype, K, M, uses in SHAPES:
+            t_fast, t_ref, t_ggml, nbytes = bench_one(atype, K, M, N, not args.no_ref, libs, args.threads)
+            step["numba"] += uses * t_fast
+            step["ggml"] += uses * (t_ggml or 0.0)
             flops = 2.0 * M * K * N
             cols = [f"{t * 1e3:9.3f} {flops / t / 1e9:8.1f}" if t else f"{'-':>9s} {'-':>8s}" for t in (t_ref, t_ggml)]
             print(f"{name:22s} {T(atype).name:5s} {K:5d} {M:7d} {N:3d} | {t_fast * 1e3:9.3f} "
                   f"{flops / t_fast / 1e9:8.1f} {nbytes / t_fast / 1e9:6.1f} | {cols[0]} | {cols[1]}", flush=True)
+        ggml = f", ggml {step['ggml'] * 1e3:.2f} ms" if libs else ""
+        print(f"all MUL_MATs of one gemma-3-270m step with {N} token(s): numba {step['numba'] * 1e3:.2f} ms{ggml}")
 
 
 if __name__ == "__main__":

@@ -178,3 +178,22 @@ def test_mul_mat_id_rejects_out_of_range_ids(fast: bool, monkeypatch: pytest.Mon
         ids_view[0, 0, 1, 0] = bad
         with pytest.raises(ComputeError, match="outside"):
             run()
+
+
+@pytest.mark.parametrize("atype", [T.Q8_0, T.Q5_0, T.Q4_K], ids=lambda t: T(t).name)
+def test_threads_split_work_exactly(atype: int) -> None:
+    """Big enough to use the helper threads: the result equals the single-threaded one bit for bit."""
+    from hybridllm.backends.cpu_kernels import get_num_threads, set_num_threads
+    rng = np.random.default_rng(40)
+    node, rows, acts = mul_mat_node(rng, atype, 512, M=1500, N=5)
+    saved = get_num_threads()
+    try:
+        results = []
+        for threads in (1, 3):
+            set_num_threads(threads)
+            build_mul_mat(node)()
+            results.append(_result(node))
+    finally:
+        set_num_threads(saved)
+    np.testing.assert_array_equal(results[0], results[1])
+    _close(results[1], mul_mat_ref(rows, atype, acts))

@@ -46,9 +46,11 @@ def _to_int8(v: np.float32) -> int:
 
 
 @njit(cache=True)
-def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bd: np.ndarray,
-                  bs: np.ndarray) -> None:
-    """Rows -> Q8_0 (bq, bd) plus the Q8_1 sums bs (ggml's AVX2 quantizers; Q8_1 has the same q and d)."""
+def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray,
+                  bs: np.ndarray, ycorr: np.ndarray, dyv: np.ndarray) -> None:
+    """Rows -> Q8_0 (bq int16 and bq8 int8, bd) plus the Q8_1 sums bs (ggml's AVX2 quantizers; Q8_1 has
+    the same q and d). For the byte kernels, per block also the 8 sums of 4 consecutive q (ycorr, int32)
+    and 8 copies of d (dyv)."""
     c127 = np.float32(127.0)
     for c in range(boff.shape[0]):
         for blk in range(K // 32):
@@ -64,15 +66,21 @@ def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bd
             for k in range(32):
                 q = _to_int8(np.rint(load_f(_F32, bbuf, o + 4 * k) * inv))
                 bq[c * K + blk * 32 + k] = q
+                bq8[c * K + blk * 32 + k] = q
                 total += q
             bd[c, blk] = _round_f16(d)
             bs[c, blk] = _round_f16(d * np.float32(total))
+            v = (c * (K // 32) + blk) * 8
+            for k in range(8):
+                e = c * K + blk * 32 + 4 * k
+                ycorr[v + k] = bq[e] + bq[e + 1] + bq[e + 2] + bq[e + 3]
+                dyv[v + k] = bd[c, blk]
 
 
 @njit(cache=True)
-def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bd: np.ndarray,
+def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray,
                   bsum: np.ndarray) -> None:
-    """Rows -> Q8_K (q as int16, d float32, int16 bsums: 16 per super-block, flat like q)."""
+    """Rows -> Q8_K (q as int16 and int8, d float32, int16 bsums: 16 per super-block, flat like q)."""
     for c in range(boff.shape[0]):
         for sb in range(K // 256):
             o = boff[c] + sb * 1024
@@ -87,6 +95,7 @@ def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bd
                 bd[c, sb] = 0.0
                 for k in range(256):
                     bq[c * K + sb * 256 + k] = 0
+                    bq8[c * K + sb * 256 + k] = 0
                 for g in range(16):
                     bsum[c * (K // 16) + sb * 16 + g] = 0
                 continue
@@ -96,6 +105,7 @@ def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bd
                 for k in range(g * 16, g * 16 + 16):
                     q = min(127, _to_int8(np.rint(iscale * load_f(_F32, bbuf, o + 4 * k))))
                     bq[c * K + sb * 256 + k] = q
+                    bq8[c * K + sb * 256 + k] = q
                     total += q
                 bsum[c * (K // 16) + sb * 16 + g] = total
             bd[c, sb] = np.float32(1.0) / iscale

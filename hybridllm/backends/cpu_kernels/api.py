@@ -1,10 +1,12 @@
 """Entry point of the numba matmul for the op builders, and its threads.
 
-    mm = get_matmul(GGMLType.Q8_0, GGMLType.F32)     # None if no fast kernel for the pair
-    mm(abuf, nb01, M, K, goff, gcols, colb, colo, bbuf, boff, out)
+    bind = get_matmul(GGMLType.Q8_0, GGMLType.F32)   # None if no fast kernel for the pair
+    run = bind(abuf, nb01, M, K, goff, gcols, colb, colo, bbuf, boff, out)
+    run()
 
 abuf/bbuf are uint8 buffers; goff (per group), boff (per activation row) byte offsets; out a float32
-buffer view with colo element offsets (kernels.py describes the work layout).
+buffer view with colo element offsets (kernels.py describes the work layout). get_matmul returns a binder:
+binding precomputes the work split, and the bound call only converts the activations and runs.
 
 Each weight type has one small cached jitted entry (`_q4_0`, ...) that binds the literal format, so a
 type costs one specialization (~1-3 s to compile once, then loaded from numba's cache). Threads are plain
@@ -24,75 +26,73 @@ from ...ggml.types import GGMLType
 from .actquant import convert_float, quantize_q8_0, quantize_q8_k
 from .kernels import f_drain, k_drain, q32_drain
 
-MatmulFn = Callable[..., None]
-
 # Arguments of every entry: counter, nitems, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, <activation
 # arrays>, out. The literal first argument of a drain selects the decoder at compile time.
 
 
 @njit(cache=True, nogil=True)
-def _q4_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    q32_drain(2, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _q4_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(2, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q4_1(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    q32_drain(3, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _q4_1(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(3, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    q32_drain(6, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _q5_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(6, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_1(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    q32_drain(7, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _q5_1(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(7, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q8_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    q32_drain(8, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _q8_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(8, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _iq4_nl(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    q32_drain(20, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _iq4_nl(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(20, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _mxfp4(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    q32_drain(39, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _mxfp4(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(39, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q2_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(10, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _q2_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(10, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q3_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(11, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _q3_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(11, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q4_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(12, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _q4_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(12, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(13, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _q5_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(13, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q6_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(14, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _q6_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(14, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _iq4_xs(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(23, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, bd, bx, out)
+def _iq4_xs(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(23, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
@@ -180,7 +180,8 @@ def get_num_threads() -> int:
 def _run_items(entry: Callable[..., None], nitems: int, macs: int, args: tuple) -> None:
     """Run work items 0..nitems-1 of `entry` on up to `_threads` threads."""
     global _helpers
-    counter = np.zeros(1, np.int64)
+    counter = _scratch.counter
+    counter[0] = 0
     helpers = min(_threads, nitems) - 1 if macs >= _SERIAL_MACS else 0
     if helpers <= 0:
         entry(counter, nitems, *args)
@@ -196,66 +197,89 @@ def _run_items(entry: Callable[..., None], nitems: int, macs: int, args: tuple) 
         _helpers_lock.release()
 
 
-_scratch = threading.local()
+class _Scratch(threading.local):
+    """Per-thread work arrays for converted activations, reused by every node (they grow, never shrink).
+    Views for a (family, C, K) are cached until an array is reallocated."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self.views: dict[tuple, tuple[np.ndarray, ...]] = {}
+        self.counter = np.zeros(1, np.int64)
+
+    def array(self, name: str, dtype: type, n: int) -> np.ndarray:
+        arr = self.arrays.get(name)
+        if arr is None or arr.size < n:
+            arr = self.arrays[name] = np.empty(max(n, 1024), dtype)
+            self.views.clear()
+        return arr[:n]
+
+    def activation_views(self, family: str, C: int, K: int) -> tuple[np.ndarray, ...]:
+        key = (family, C, K)
+        views = self.views.get(key)
+        if views is None:
+            views = self._make(family, C, K)
+            self.views[key] = views
+        return views
+
+    def _make(self, family: str, C: int, K: int) -> tuple[np.ndarray, ...]:
+        if family == "f":
+            return (self.array("bf", np.float32, C * K),)
+        nblk = K // (256 if family == "k" else 32)
+        bq, bq8 = self.array("bq", np.int16, C * K), self.array("bq8", np.int8, C * K)
+        bd = self.array("bd", np.float32, C * nblk).reshape(C, nblk)
+        if family == "k":
+            return bq, bq8, bd, self.array("bsum", np.int16, C * K // 16)
+        return (bq, bq8, bd, self.array("bs", np.float32, C * nblk).reshape(C, nblk),
+                self.array("ycorr", np.int32, C * nblk * 8), self.array("dyv", np.float32, C * nblk * 8))
 
 
-def _scratch_array(name: str, dtype: type, n: int) -> np.ndarray:
-    """A reusable per-thread work array of at least n elements (grows, never shrinks)."""
-    arr = getattr(_scratch, name, None)
-    if arr is None or arr.size < n:
-        arr = np.empty(max(n, 1024), dtype)
-        setattr(_scratch, name, arr)
-    return arr[:n]
+_scratch = _Scratch()
 
 
-def _layout(M: int, gcols: np.ndarray) -> tuple[int, int, int]:
+def _layout(M: int, groups: int) -> tuple[int, int, int]:
     """(nitems, row chunks per group, rows per chunk): chunks of >= 16 rows, ~8 items per thread."""
-    groups = gcols.shape[0] - 1
     per_group = max(1, (8 * _threads + groups - 1) // groups)
     rows = max(16, (M + per_group - 1) // per_group)
     nch = (M + rows - 1) // rows
     return groups * nch, nch, rows
 
 
-def get_matmul(atype: int, btype: int) -> MatmulFn | None:
-    """The fast matmul for weight type `atype` and activation storage type `btype`, or None."""
+Binder = Callable[..., Callable[[], None]]
+
+
+def get_matmul(atype: int, btype: int) -> Binder | None:
+    """The fast matmul for weight type `atype` and activation storage type `btype`, or None.
+
+    The result binds a product once and returns the zero-argument call that computes it:
+        run = get_matmul(a, b)(abuf, nb01, M, K, goff, gcols, colb, colo, bbuf, boff, out); run()
+    """
     if atype in _Q8_0_FAMILY or atype in _Q8_K_FAMILY:
-        return _quant_matmul(atype) if btype == T.F32 else None
+        return _binder(atype, btype, "k" if atype in _Q8_K_FAMILY else "q32") if btype == T.F32 else None
     if atype in _FLOAT_FAMILY and btype in _FLOAT_B[atype]:
-        return _float_matmul(atype, btype)
+        return _binder(atype, btype, "f")
     return None
 
 
-def _quant_matmul(atype: int) -> MatmulFn:
-    k_family = atype in _Q8_K_FAMILY
-    entry = _Q8_K_FAMILY[atype] if k_family else _Q8_0_FAMILY[atype]
-    qk = 256 if k_family else 32
+def _binder(atype: int, btype: int, family: str) -> Binder:
+    entry = {"k": _Q8_K_FAMILY, "q32": _Q8_0_FAMILY, "f": _FLOAT_FAMILY}[family][atype]
 
-    def run(abuf: np.ndarray, nb01: int, M: int, K: int, goff: np.ndarray, gcols: np.ndarray,
-            colb: np.ndarray, colo: np.ndarray, bbuf: np.ndarray, boff: np.ndarray, out: np.ndarray) -> None:
-        C, nblk = boff.shape[0], K // qk
-        bq = _scratch_array("bq", np.int16, C * K)
-        bd = _scratch_array("bd", np.float32, C * nblk).reshape(C, nblk)
-        if k_family:
-            extra = _scratch_array("bsum", np.int16, C * K // 16)
-            quantize_q8_k(bbuf, boff, K, bq, bd, extra)
-        else:
-            extra = _scratch_array("bs", np.float32, C * nblk).reshape(C, nblk)
-            quantize_q8_0(bbuf, boff, K, bq, bd, extra)
-        nitems, nch, rows = _layout(M, gcols)
-        _run_items(entry, nitems, M * K * colb.shape[0],
-                   (nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bq, bd, extra, out))
-    return run
+    def bind(abuf: np.ndarray, nb01: int, M: int, K: int, goff: np.ndarray, gcols: np.ndarray,
+             colb: np.ndarray, colo: np.ndarray, bbuf: np.ndarray, boff: np.ndarray,
+             out: np.ndarray) -> Callable[[], None]:
+        C = boff.shape[0]
+        nitems, nch, rows = _layout(M, gcols.shape[0] - 1)
+        head = (nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo)
+        macs = M * K * colb.shape[0]
+        fa, fb = int(atype), int(btype)
 
-
-def _float_matmul(atype: int, btype: int) -> MatmulFn:
-    entry = _FLOAT_FAMILY[atype]
-
-    def run(abuf: np.ndarray, nb01: int, M: int, K: int, goff: np.ndarray, gcols: np.ndarray,
-            colb: np.ndarray, colo: np.ndarray, bbuf: np.ndarray, boff: np.ndarray, out: np.ndarray) -> None:
-        bf = _scratch_array("bf", np.float32, boff.shape[0] * K)
-        convert_float(int(atype), int(btype), bbuf, boff, K, bf)
-        nitems, nch, rows = _layout(M, gcols)
-        _run_items(entry, nitems, M * K * colb.shape[0],
-                   (nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bf, out))
-    return run
+        def run() -> None:
+            ws = _scratch.activation_views(family, C, K)
+            if family == "q32":
+                quantize_q8_0(bbuf, boff, K, *ws)
+            elif family == "k":
+                quantize_q8_k(bbuf, boff, K, *ws)
+            else:
+                convert_float(fa, fb, bbuf, boff, K, *ws)
+            _run_items(entry, nitems, macs, head + ws + (out,))
+        return run
+    return bind

@@ -14,8 +14,9 @@ from numba import types
 from numba.extending import intrinsic
 
 from ...ggml.types import GGMLType
-from .simd import (F32x16, I16x32, _F32, _HALF, _I8, _I16, _I32, _I64, _llvm_type, bits_to_bytes,
-                   byte_ptr, fp16_bits_to_f32, load_bytes, load_scalar, lookup16, nibbles, splat, vty)
+from .simd import (HAS_MADDUBS, F32x16, I16x32, I32x16, _F32, _HALF, _I8, _I16, _I32, _I64, _llvm_type,
+                   bits_to_bytes, byte_ptr, fp16_bits_to_f32, load_bytes, load_scalar, lookup16, madd_i16,
+                   maddubs, nibbles, shuffle, splat, vty)
 
 KVALUES_IQ4NL = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
 KVALUES_FP4 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]
@@ -142,3 +143,80 @@ def q32_scale_at(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
             return builder.bitcast(builder.select(small, denormal, normal), _F32)
         return fp16_bits_to_f32(builder, load_scalar(context, builder, aty, a, o, _I16))
     return types.float32(fmt, buf, off), codegen
+
+
+# --- byte-product path (x86 vpmaddubsw) for the 4/5-bit legacy types ------------------------------------
+
+BYTE_FORMATS = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
+OFFSET = {GGMLType.Q4_0: 8, GGMLType.Q5_0: 16}  # stored unsigned value = q + offset
+
+
+def _block_u8(context: Any, builder: ir.IRBuilder, aty: Any, a: ir.Value, o: ir.Value, f: int) -> ir.Value:
+    """The 32 unsigned values (q + offset) of the block at `o`, as <32 x i8>."""
+    qs_at = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q5_0: 6, GGMLType.Q5_1: 8}[f]
+    u = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, qs_at), 16))
+    if f in (GGMLType.Q5_0, GGMLType.Q5_1):
+        qh = load_scalar(context, builder, aty, a, _add(builder, o, qs_at - 4), _I32)
+        u = builder.or_(u, bits_to_bytes(builder, qh, 16))
+    return u
+
+
+def _ntuple(t: Any) -> int | None:
+    if isinstance(t, types.UniTuple) and isinstance(t.dtype, types.Integer):
+        return t.count
+    return None
+
+
+@intrinsic
+def q32_dot8x2(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any, bq8: Any, es: Any, ycorr: Any,
+               yis: Any) -> Any:
+    """Integer dot products of the two blocks at `off` and `off + bsz` with 64 int8 activations at each
+    element of the tuple `es` of `bq8`; per activation row an I32x16 whose lanes 0-7 sum to block 0's dot
+    and lanes 8-15 to block 1's (lane k: elements 4k..4k+3, exact). Weights go in as unsigned bytes
+    (vpmaddubsw), decoded once; their offset is taken back out lane by lane with the activation's sums of
+    4 (`ycorr`, int32, 8 per block) at the elements `yis`."""
+    f = _literal(fmt, Q32_FORMATS)
+    n = _ntuple(es)
+    if f is None or n is None or _ntuple(yis) != n or not isinstance(off, types.Integer):
+        return None
+    ret = types.UniTuple(I32x16, n)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        if f not in BYTE_FORMATS or not HAS_MADDUBS:  # typed for every 32-block format, never reached
+            return context.make_tuple(builder, ret, [ir.Constant(vty(_I32, 16), None)] * n)
+        aty, a = sig.args[1], args[1]
+        o = _i64(context, builder, args[2], sig.args[2])
+        o2 = builder.add(o, _i64(context, builder, args[3], sig.args[3]))
+        u = shuffle(builder, _block_u8(context, builder, aty, a, o, f), _block_u8(context, builder, aty, a, o2, f),
+                    list(range(64)))
+        ones = splat(builder, ir.Constant(_I16, 1), 32)
+        out = []
+        for i in range(n):
+            ye = _i64(context, builder, builder.extract_value(args[5], i), sig.args[5].dtype)
+            y = builder.load(byte_ptr(context, builder, sig.args[4], args[4], ye, vty(_I8, 64)), align=1)
+            s = madd_i16(builder, maddubs(builder, u, y), ones)
+            if f in OFFSET:
+                yi = _i64(context, builder, builder.extract_value(args[7], i), sig.args[7].dtype)
+                yo = builder.mul(yi, ir.Constant(_I64, 4))
+                corr = builder.load(byte_ptr(context, builder, sig.args[6], args[6], yo, vty(_I32, 16)), align=4)
+                s = builder.sub(s, builder.mul(corr, splat(builder, ir.Constant(_I32, OFFSET[f]), 16)))
+            out.append(s)
+        return context.make_tuple(builder, ret, out)
+    return ret(fmt, abuf, off, bsz, bq8, es, ycorr, yis), codegen
+
+
+@intrinsic
+def q32_scale2(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any) -> Any:
+    """F16 scales d of the blocks at `off` and `off + bsz` as F32x16: 8 lanes of each."""
+    f = _literal(fmt, Q32_FORMATS)
+    if f is None or not isinstance(off, types.Integer) or not isinstance(bsz, types.Integer):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        aty, a = sig.args[1], args[1]
+        o = _i64(context, builder, args[2], sig.args[2])
+        o2 = builder.add(o, _i64(context, builder, args[3], sig.args[3]))
+        d0 = fp16_bits_to_f32(builder, load_scalar(context, builder, aty, a, o, _I16))
+        d1 = fp16_bits_to_f32(builder, load_scalar(context, builder, aty, a, o2, _I16))
+        return shuffle(builder, splat(builder, d0, 8), splat(builder, d1, 8), list(range(16)))
+    return F32x16(fmt, abuf, off, bsz), codegen

@@ -18,7 +18,7 @@ from numba.extending import intrinsic
 from ...ggml.types import GGMLType
 from .decode import KVALUES_IQ4NL, K_FORMATS
 from .simd import (I32x16, _F32, _I16, _I32, _I64, byte_ptr, fp16_bits_to_f32, load_bytes, load_scalar, lookup16,
-                   nibbles, shuffle, splat, vty)
+                   HAS_MADDUBS, madd_i16, maddubs, nibbles, shuffle, splat, vty)
 
 HAS_MINS = (GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.Q5_K)
 
@@ -216,3 +216,85 @@ def ksb_d(typingctx: Any, fmt: Any, abuf: Any, off: Any) -> Any:
         dmin = fp16_bits_to_f32(builder, blk.u16(dmin_at)) if dmin_at is not None else ir.Constant(_F32, 0.0)
         return context.make_tuple(builder, ret, [d, dmin])
     return ret(fmt, abuf, off), codegen
+
+
+# --- byte-product path (x86 vpmaddubsw): unsigned weight bytes times int8 activations ---------------
+
+BYTE_FORMATS = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+_OFFSET = {GGMLType.Q3_K: 4, GGMLType.Q6_K: 32}  # stored unsigned value = q + offset
+
+
+def _concat(bb: ir.IRBuilder, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    return shuffle(bb, lo, hi, list(range(2 * lo.type.count)))
+
+
+def _pair_u8(f: int, b: _Block, p: int) -> ir.Value:
+    """Elements 64p..64p+63 as unsigned bytes (q + offset), <64 x i8>."""
+    bb = b.b
+    h, j0 = divmod(2 * p, 4)
+    if f in (GGMLType.Q4_K, GGMLType.Q5_K):
+        qs = b.bytes((16 if f == GGMLType.Q4_K else 48) + 32 * p, 32)
+        u = _concat(bb, b.mask(qs, 15), b.shr(qs, 4))
+        if f == GGMLType.Q5_K:
+            qh = b.bytes(16, 32)
+            hb = _concat(bb, b.mask(b.shr(qh, 2 * p), 1), b.mask(b.shr(qh, 2 * p + 1), 1))
+            u = bb.or_(u, bb.shl(hb, b.k(hb, 4)))
+        return u
+    if f == GGMLType.Q6_K:
+        ql = b.bytes(64 * h, 64)
+        lo4 = b.shr(ql, 4) if j0 == 2 else b.mask(ql, 15)
+        qh = b.bytes(128 + 32 * h, 32)
+        hi2 = _concat(bb, b.mask(b.shr(qh, 2 * j0), 3), b.mask(b.shr(qh, 2 * j0 + 2), 3))
+        return bb.or_(lo4, bb.shl(hi2, b.k(hi2, 4)))
+    qs = b.bytes((32 if f == GGMLType.Q3_K else 16) + 32 * h, 32)
+    u = _concat(bb, b.mask(b.shr(qs, 2 * j0), 3), b.mask(b.shr(qs, 2 * j0 + 2), 3))
+    if f == GGMLType.Q3_K:
+        hm = b.bytes(0, 32)
+        hb = _concat(bb, b.mask(b.shr(hm, 4 * h + j0), 1), b.mask(b.shr(hm, 4 * h + j0 + 1), 1))
+        u = bb.or_(u, bb.shl(hb, b.k(hb, 2)))
+    return u
+
+
+def _i8_at(context: Any, builder: ir.IRBuilder, aty: Any, ary: ir.Value, elem: ir.Value, n: int) -> ir.Value:
+    return builder.load(byte_ptr(context, builder, aty, ary, elem, vty(ir.IntType(8), n)), align=1)
+
+
+@intrinsic
+def ksb_dot8(typingctx: Any, fmt: Any, abuf: Any, off: Any, bq8: Any, bsum: Any, qcols: Any, scols: Any) -> Any:
+    """As ksb_dot, with int8 activations (`bq8`, elements `qcols`) and vpmaddubsw: weight bytes are made
+    unsigned (q + offset) and the offset comes back out through the activation's int16 16-sums (`bsum`,
+    elements `scols`). Exact integer sums, as ksb_dot."""
+    n = _cols(qcols)
+    if not (isinstance(fmt, types.IntegerLiteral) and fmt.literal_value in K_FORMATS and n is not None
+            and _cols(scols) == n and isinstance(bq8, types.Array) and bq8.dtype == types.int8
+            and isinstance(bsum, types.Array) and bsum.dtype == types.int16):
+        return None
+    f = int(fmt.literal_value)
+    ret = types.UniTuple(I32x16, n)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        if f not in BYTE_FORMATS or not HAS_MADDUBS:  # typed for every K format, never reached for these
+            return context.make_tuple(builder, ret, [ir.Constant(vty(_I32, 16), None)] * n)
+        blk = _Block(context, builder, sig.args[1], args[1],
+                     context.cast(builder, args[2], sig.args[2], types.int64))
+        sc16, _ = _scales(f, blk)
+        qs = [context.cast(builder, builder.extract_value(args[5], i), sig.args[5].dtype, types.int64)
+              for i in range(n)]
+        acc: list[ir.Value | None] = [None] * n
+        for p in range(4):
+            u = _pair_u8(f, blk, p)
+            scv = shuffle(builder, sc16, sc16, [4 * p + k // 8 for k in range(32)])
+            for i in range(n):
+                y = _i8_at(context, builder, sig.args[3], args[3], builder.add(qs[i], ir.Constant(_I64, 64 * p)), 64)
+                s = madd_i16(builder, maddubs(builder, u, y), scv)
+                acc[i] = s if acc[i] is None else builder.add(acc[i], s)
+        off = _OFFSET.get(f, 0)
+        if off:
+            zero8 = ir.Constant(vty(_I32, 8), None)
+            for i in range(n):
+                start = context.cast(builder, builder.extract_value(args[6], i), sig.args[6].dtype, types.int64)
+                corr = madd_i16(builder, sc16, _i16_at(context, builder, sig.args[4], args[4], start, 16))
+                corr = builder.mul(corr, splat(builder, ir.Constant(_I32, off), 8))
+                acc[i] = builder.sub(acc[i], shuffle(builder, corr, zero8, list(range(16))))
+        return context.make_tuple(builder, ret, acc)
+    return ret(fmt, abuf, off, bq8, bsum, qcols, scols), codegen

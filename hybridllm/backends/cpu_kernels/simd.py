@@ -96,9 +96,7 @@ def nibbles(builder: ir.IRBuilder, b16: ir.Value) -> ir.Value:
 
 def bits_to_bytes(builder: ir.IRBuilder, word: ir.Value, value: int) -> ir.Value:
     """u32 -> <32 x i8>: lane k is `value` where bit k of `word` is set, else 0."""
-    masks = const_vec(_I32, [1 << k for k in range(32)])
-    hit = builder.icmp_unsigned("!=", builder.and_(splat(builder, word, 32), masks),
-                                ir.Constant(vty(_I32, 32), None))
+    hit = builder.bitcast(word, vty(_I1, 32))  # bit k -> lane k (a mask register load on AVX-512)
     return builder.select(hit, splat(builder, ir.Constant(_I8, value), 32), ir.Constant(vty(_I8, 32), None))
 
 
@@ -345,4 +343,51 @@ def add_f32(typingctx: Any, a: Any, b: Any) -> Any:
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
         return builder.fadd(args[0], args[1])
+    return F32x16(a, b), codegen
+
+
+HAS_AVX512BW = bool(HOST_FEATURES.get("avx512bw", False))
+HAS_MADDUBS = HAS_AVX2  # the byte-product kernels need vpmaddubsw
+
+
+def maddubs(builder: ir.IRBuilder, u: ir.Value, s: ir.Value) -> ir.Value:
+    """<64 x i8> unsigned u times <64 x i8> signed s, adjacent pairs summed -> <32 x i16> (vpmaddubsw).
+    Callers keep |u0*s0 + u1*s1| < 2**15, so the instruction's saturation never happens."""
+    if HAS_AVX512BW:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty(_I16, 32), [vty(_I8, 64)] * 2),
+                                            "llvm.x86.avx512.pmaddubs.w.512")
+        return builder.call(fn, [u, s])
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty(_I16, 16), [vty(_I8, 32)] * 2),
+                                        "llvm.x86.avx2.pmadd.ub.sw")
+    halves = [builder.call(fn, [shuffle(builder, u, u, list(range(k, k + 32))),
+                                shuffle(builder, s, s, list(range(k, k + 32)))]) for k in (0, 32)]
+    return shuffle(builder, halves[0], halves[1], list(range(32)))
+
+
+def madd_i16(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
+    """<2n x i16> x <2n x i16> -> <n x i32> pairwise sums (LLVM emits vpmaddwd)."""
+    n = a.type.count
+    wide = vty(_I32, n)
+    p = builder.mul(builder.sext(a, wide), builder.sext(b, wide))
+    return builder.add(shuffle(builder, p, p, list(range(0, n, 2))), shuffle(builder, p, p, list(range(1, n, 2))))
+
+
+@intrinsic
+def fma_i32_v(typingctx: Any, acc: Any, v: Any, s: Any) -> Any:
+    """acc + float(v) * s, lane by lane (v I32x16, s F32x16)."""
+    if acc != F32x16 or v != I32x16 or s != F32x16:
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return _fma(builder, builder.sitofp(args[1], _llvm_type(F32x16)), args[2], args[0])
+    return F32x16(acc, v, s), codegen
+
+
+@intrinsic
+def mul_f32(typingctx: Any, a: Any, b: Any) -> Any:
+    if a != F32x16 or b != F32x16:
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return builder.fmul(args[0], args[1])
     return F32x16(a, b), codegen

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - older base without ComputeError
 try:
     from ..cpu_kernels import get_matmul
 except ImportError:  # pragma: no cover - numba missing: reference path only
-    def get_matmul(atype: int, btype: int) -> Callable[..., None] | None:  # type: ignore[misc]
+    def get_matmul(atype: int, btype: int) -> Callable[..., Kernel] | None:  # type: ignore[misc]
         return None
 
 HINT_SRC0_IS_HADAMARD = 1
@@ -170,11 +170,7 @@ def _fast_mul_mat(node: Tensor, a: Tensor, b: Tensor) -> Kernel | None:
                          for i3 in range(i03 * r3, (i03 + 1) * r3)
                          for i2 in range(i02 * r2, (i02 + 1) * r2) for n in range(N)])
     goff_a, gcols, colb, colo = _group_arrays(goff, cols)
-    abuf, bbuf, boff, nb01 = storage(a), storage(b), _activation_offsets(b), a.nb[1]
-
-    def run() -> None:
-        mm(abuf, nb01, M, K, goff_a, gcols, colb, colo, bbuf, boff, out)
-    return run
+    return mm(storage(a), a.nb[1], M, K, goff_a, gcols, colb, colo, storage(b), _activation_offsets(b), out)
 
 
 def _ref_mul_mat(node: Tensor, a: Tensor, b: Tensor) -> Kernel:
@@ -243,7 +239,7 @@ def _fast_mul_mat_id(node: Tensor, a: Tensor, b: Tensor, ids_t: Tensor) -> Kerne
         experts, starts = np.unique(ids[order], return_index=True)
         gcols = np.append(starts, ids.size).astype(np.int64)
         goff = (a.offset + experts * a.nb[2]).astype(np.int64)
-        mm(abuf, a.nb[1], M, K, goff, gcols, colb_all[order], colo_all[order], bbuf, boff, out)
+        mm(abuf, a.nb[1], M, K, goff, gcols, colb_all[order], colo_all[order], bbuf, boff, out)()
     return run
 
 
