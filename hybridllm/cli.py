@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "info": "hybridllm.engine.cli",
     "bench": "hybridllm.engine.cli",
     "serve": "hybridllm.server.cli",
+    "demo": "hybridllm.demo",
 }
 
 
