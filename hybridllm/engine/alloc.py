@@ -8,9 +8,10 @@ backend today and on CuPy or RPC devices later.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from ..backends.base import Backend
+from ..backends.base import Backend, Buffer
 from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import TensorFlag
@@ -76,8 +77,16 @@ def plan_graph(graph: ops.Graph, alignment: int,
     node to their last use; OUTPUT-flagged tensors to the end. Views and tensors that already have
     storage (weights, KV cache) take nothing.
     """
-    nodes = [n for n in graph.nodes if n.computes]
-    needs = {id(t): t for t in list(graph.leafs) + nodes if t.buffer is None and t.view_src is None}
+    return plan_tensors(graph.leafs, graph.nodes, alignment, size_of)
+
+
+def plan_tensors(leafs: Sequence[Tensor], nodes: Sequence[Tensor], alignment: int,
+                 size_of: Callable[[Tensor], int], keep: Iterable[Tensor] = ()) -> tuple[dict[int, int], int]:
+    """plan_graph over explicit leafs and nodes (execution order); tensors in `keep` (e.g. read later by
+    another device) live to the end like OUTPUT-flagged ones."""
+    nodes = [n for n in nodes if n.computes]
+    needs = {id(t): t for t in list(leafs) + nodes if t.buffer is None and t.view_src is None}
+    kept = {id(t) for t in keep}
     last_use: dict[int, int] = {}
     for i, node in enumerate(nodes):
         for s in list(node.src) + [node]:
@@ -86,12 +95,12 @@ def plan_graph(graph: ops.Graph, alignment: int,
                 last_use[id(owner)] = i
     frees: dict[int, list[Tensor]] = {}
     for key, t in needs.items():
-        if not t.flags & TensorFlag.OUTPUT and key in last_use:
+        if not t.flags & TensorFlag.OUTPUT and key in last_use and key not in kept:
             frees.setdefault(last_use[key], []).append(t)
     fl = _FreeList(alignment)
     offsets: dict[int, int] = {}
-    for t in graph.leafs:
-        if id(t) in needs:
+    for t in leafs:
+        if id(t) in needs and id(t) not in offsets:
             offsets[id(t)] = fl.alloc(size_of(t))
     for i, node in enumerate(nodes):
         if id(node) in needs and id(node) not in offsets:
@@ -110,50 +119,130 @@ def bind_views(tensors: Iterable[Tensor]) -> None:
 
 
 class ComputeBuffer:
-    """One graph's compute memory: allocated from the plan, bound to the graph's tensors."""
+    """One graph's compute memory on one backend: allocated from the plan, bound to the tensors.
 
-    def __init__(self, backend: Backend, graph: ops.Graph) -> None:
+    `ComputeBuffer(backend, graph)` covers a whole graph; the scheduler passes one device's share of a
+    graph as `leafs`/`nodes`, with `keep` the tensors other devices read after these nodes ran."""
+
+    def __init__(self, backend: Backend, graph: ops.Graph | None = None, *, leafs: Sequence[Tensor] = (),
+                 nodes: Sequence[Tensor] = (), keep: Iterable[Tensor] = ()) -> None:
+        if graph is not None:
+            leafs, nodes = graph.leafs, graph.nodes
         align = max(backend.alignment, MIN_ALIGNMENT)
-        offsets, size = plan_graph(graph, align, backend.alloc_size)
+        offsets, size = plan_tensors(leafs, nodes, align, backend.alloc_size, keep)
         buf = backend.alloc_buffer(max(size, align))
         if buf is None:
             raise AllocError(f"cannot allocate a {size / 2**20:.1f} MiB compute buffer on {backend.name}")
         self.backend, self.buffer, self.size = backend, buf, size
-        for t in graph.tensors():
+        for t in [*leafs, *nodes]:
             off = offsets.get(id(t))
             if off is not None:
                 t.buffer, t.offset = buf, off
-        bind_views(graph.tensors())
+        bind_views([*leafs, *nodes])
 
     def free(self) -> None:
         self.backend.free_buffer(self.buffer)
 
 
-class WeightStore:
-    """The model's weights in one backend buffer, as leaf Tensors named like the GGUF tensors.
+def upload_progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar in bytes (with rate) on stderr, or a silent stand-in."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=True,
+                dynamic_ncols=True)
 
-    Bytes are copied as stored (quantized stays quantized). Tensors the model does not use are skipped.
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class WeightStore:
+    """The model's weights as leaf Tensors named like the GGUF tensors, in one buffer per device.
+
+    `devices_of(name)` lists the backends that hold a tensor (default: `backend`); the first holds the
+    tensor the graph uses, the others a replica (tensors every layer reads, e.g. rope_freqs, are copied
+    to each device with layers so no device reads another's weights). Bytes are copied as stored
+    (quantized stays quantized). Tensors the model does not use are skipped.
     """
 
-    def __init__(self, backend: Backend, gguf: GGUFFile, names: Iterable[str]) -> None:
-        infos: list[TensorInfo] = [gguf.tensors[n] for n in dict.fromkeys(names)]
-        align = max(backend.alignment, MIN_ALIGNMENT)
+    def __init__(self, backend: Backend, gguf: GGUFFile, names: Iterable[str], *,
+                 devices_of: Callable[[str], Sequence[Backend]] | None = None, progress: bool = False) -> None:
+        self.backend, self.path = backend, gguf.path
         self.tensors: dict[str, Tensor] = {}
-        offsets: list[int] = []
-        size = 0
-        for info in infos:
-            t = ops.set_name(ops.new_tensor(info.type, *info.ne), info.name)
-            self.tensors[info.name] = t
-            offsets.append(size)
-            size = _align(size + backend.alloc_size(t), align)
-        buf = backend.alloc_buffer(max(size, align))
+        self.replicas: dict[int, dict[int, Tensor]] = {}   # id(tensor) -> id(backend) -> its copy there
+        self.layout: dict[int, tuple[Backend, list[tuple[Tensor, str, int]], int]] = {}
+        for name in dict.fromkeys(names):
+            info: TensorInfo = gguf.tensors[name]
+            for i, dev in enumerate(devices_of(name) if devices_of else (backend,)):
+                t = ops.set_name(ops.new_tensor(info.type, *info.ne), info.name)
+                if i == 0:
+                    self.tensors[name] = t
+                else:
+                    self.replicas.setdefault(id(self.tensors[name]), {})[id(dev)] = t
+                dev_, entries, size = self.layout.get(id(dev), (dev, [], 0))
+                align = max(dev.alignment, MIN_ALIGNMENT)
+                entries.append((t, name, size))
+                self.layout[id(dev)] = (dev, entries, _align(size + dev.alloc_size(t), align))
+        self.buffers: dict[int, Buffer] = {}
+        try:
+            for key in self.layout:
+                self._upload(key, gguf, progress)
+        except BaseException:
+            self.free()
+            raise
+
+    def _upload(self, key: int, gguf: GGUFFile, progress: bool) -> None:
+        """Allocate the device's buffer and copy its tensors into it (again after a device was lost)."""
+        dev, entries, size = self.layout[key]
+        buf = dev.alloc_buffer(max(size, MIN_ALIGNMENT))
         if buf is None:
-            raise AllocError(f"cannot allocate {size / 2**20:.1f} MiB for the weights on {backend.name}")
-        self.backend, self.buffer, self.nbytes = backend, buf, size
-        for info, off in zip(infos, offsets):
-            t = self.tensors[info.name]
-            t.buffer, t.offset = buf, off
-            backend.set(buf, off, gguf.tensor_data(info.name).data)
+            raise AllocError(f"cannot allocate {size / 2**20:.1f} MiB for the weights on {dev.name}")
+        self.buffers[key] = buf
+        init = getattr(dev, "init_tensor", None)   # RPC: padded rows of quantized tensors (CUDA workers)
+        bar = upload_progress(sum(t.nbytes for t, _, _ in entries), f"weights -> {dev.name}", progress)
+        try:
+            for t, name, off in entries:
+                t.buffer, t.offset = buf, off
+                if init is not None:
+                    init(t)
+                dev.set(buf, off, gguf.tensor_data(name).data)
+                bar.update(t.nbytes)
+        finally:
+            bar.close()
+
+    def reload(self, backend: Backend, progress: bool = False) -> None:
+        """Upload `backend`'s share again into a new buffer (its old one was lost with a worker)."""
+        old = self.buffers.pop(id(backend), None)
+        if old is not None and not old.freed:
+            try:
+                backend.free_buffer(old)
+            except Exception:   # the buffer belonged to a dead connection: nothing to free
+                pass
+        with GGUFFile(self.path) as f:
+            self._upload(id(backend), f, progress)
+
+    @property
+    def buffer(self) -> Buffer:
+        """The primary device's buffer (single-device code)."""
+        return self.buffers[id(self.backend)] if id(self.backend) in self.buffers else \
+            next(iter(self.buffers.values()))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, _, size in self.layout.values())
+
+    def bytes_on(self, backend: Backend) -> int:
+        entry = self.layout.get(id(backend))
+        return entry[2] if entry else 0
+
+    @property
+    def devices(self) -> list[Backend]:
+        return [dev for dev, _, _ in self.layout.values()]
 
     def __getitem__(self, name: str) -> Tensor:
         return self.tensors[name]
@@ -168,4 +257,10 @@ class WeightStore:
         return self.tensors
 
     def free(self) -> None:
-        self.backend.free_buffer(self.buffer)
+        for key, buf in list(self.buffers.items()):
+            if not buf.freed:
+                try:
+                    buf.backend.free_buffer(buf)
+                except Exception:  # a lost RPC buffer: the worker already freed it
+                    pass
+        self.buffers.clear()

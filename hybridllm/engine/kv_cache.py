@@ -13,12 +13,12 @@ sized n_swa + n_ubatch rounded up to 256 so that a ubatch never overwrites a cel
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.base import Backend
+from ..backends.base import Backend, Buffer
 from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import GGMLType, row_size
@@ -57,29 +57,62 @@ class KVCache:
 
     def __init__(self, backend: Backend, layers: Sequence[LayerKV], size: int, *,
                  type_k: GGMLType = GGMLType.F16, type_v: GGMLType = GGMLType.F16,
-                 n_swa: int = 0, v_trans: bool = False, name_tag: str = "") -> None:
+                 n_swa: int = 0, v_trans: bool = False, name_tag: str = "",
+                 backend_of: Callable[[int], Backend] | None = None) -> None:
+        """`backend_of(il)` places each layer's K/V on its layer's device (default: all on `backend`);
+        the cell bookkeeping is shared, so every device sees the same cells and masks."""
         self.backend, self.size, self.n_swa, self.v_trans = backend, size, n_swa, v_trans
         self.layers = {spec.il: spec for spec in layers}
         self.k: dict[int, Tensor] = {}
         self.v: dict[int, Tensor] = {}
-        offsets, total = [], 0
+        # per device: (backend, [(tensor, offset)], bytes)
+        self.layout: dict[int, tuple[Backend, list[tuple[Tensor, int]], int]] = {}
         for spec in layers:
+            dev = backend_of(spec.il) if backend_of else backend
             k = ops.set_name(ops.new_tensor_3d(type_k, spec.n_embd_k_gqa, size, 1), f"cache_{name_tag}k_l{spec.il}")
             v = ops.set_name(ops.new_tensor_3d(type_v, spec.n_embd_v_gqa, size, 1), f"cache_{name_tag}v_l{spec.il}")
+            _, entries, total = self.layout.get(id(dev), (dev, [], 0))
             for t in (k, v):
-                offsets.append((t, total))
-                total = pad(total + backend.alloc_size(t), MIN_ALIGNMENT)
+                entries.append((t, total))
+                total = pad(total + dev.alloc_size(t), MIN_ALIGNMENT)
+            self.layout[id(dev)] = (dev, entries, total)
             self.k[spec.il], self.v[spec.il] = k, v
-        self.nbytes = total
-        buf = backend.alloc_buffer(max(total, MIN_ALIGNMENT)) if layers else None
-        if layers and buf is None:
-            raise AllocError(f"cannot allocate a {total / 2**20:.1f} MiB KV cache on {backend.name}")
-        self.buffer = buf
-        for t, off in offsets:
-            t.buffer, t.offset = buf, off
-        if buf is not None:
-            backend.clear(buf, 0)  # as llama.cpp does: empty cells must hold finite values
+        self.nbytes = sum(total for _, _, total in self.layout.values())
+        self.buffers: dict[int, Buffer] = {}
+        try:
+            for key in self.layout:
+                self._alloc(key)
+        except BaseException:
+            self.free()
+            raise
         self.pos = np.full(size, -1, dtype=np.int64)
+
+    def _alloc(self, key: int) -> None:
+        dev, entries, total = self.layout[key]
+        buf = dev.alloc_buffer(max(total, MIN_ALIGNMENT))
+        if buf is None:
+            raise AllocError(f"cannot allocate a {total / 2**20:.1f} MiB KV cache on {dev.name}")
+        self.buffers[key] = buf
+        for t, off in entries:
+            t.buffer, t.offset = buf, off
+        dev.clear(buf, 0)  # as llama.cpp does: empty cells must hold finite values
+
+    def realloc(self, backend: Backend) -> None:
+        """New (empty) K/V memory on `backend` after its old buffer was lost; the caller resets the cells."""
+        if id(backend) not in self.layout:
+            return
+        old = self.buffers.pop(id(backend), None)
+        if old is not None and not old.freed:
+            try:
+                backend.free_buffer(old)
+            except Exception:  # it belonged to a dropped connection
+                pass
+        self._alloc(id(backend))
+
+    @property
+    def buffer(self) -> Buffer | None:
+        """The first device's K/V buffer (single-device code); None for a cache without layers."""
+        return next(iter(self.buffers.values()), None)
 
     # --- cell bookkeeping ----------------------------------------------------------------------
     def cells_for(self, positions: np.ndarray) -> np.ndarray:
@@ -175,9 +208,10 @@ class KVCache:
         return n_tokens * max(spec.n_embd_v_gqa for spec in self.layers.values())
 
     def free(self) -> None:
-        if self.buffer is not None:
-            self.backend.free_buffer(self.buffer)
-            self.buffer = None
+        for buf in self.buffers.values():
+            if not buf.freed:
+                buf.backend.free_buffer(buf)
+        self.buffers.clear()
 
 
 class KVCacheISWA:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,15 +25,23 @@ from ..ggml.tensor import Tensor
 from ..ggml.types import GGMLType
 from ..models import model_class
 from ..models.blocks import GraphContext, Model
-from .alloc import ComputeBuffer
+from ..rpc.transport import RpcError
 from .gguf_file import GGUFFile
 from .kv_cache import ContextOverflow
+from .placement import Placement, PlacementError, model_costs, place
+from .scheduler import Schedule, buffer_lost
 
-__all__ = ["ContextOverflow", "EngineError", "ModelRunner", "RunnerConfig", "load", "make_backend"]
+__all__ = ["ContextOverflow", "DeviceLost", "EngineError", "ModelRunner", "PlacementError", "RunnerConfig",
+           "load", "make_backend"]
 
 
 class EngineError(RuntimeError):
     """The model cannot run on this backend (an op or type it does not support); one line."""
+
+
+class DeviceLost(EngineError):
+    """A device (an RPC worker) failed or went away; its layers' weights and KV cache are gone until
+    `recover()` uploads them again. The message names the device and its layers."""
 
 
 @dataclass
@@ -50,8 +58,8 @@ class RunnerConfig:
 class _Prepared:
     ctx: GraphContext
     logits: Tensor
-    compute: ComputeBuffer
-    plan: object
+    compute: Schedule    # the graph's splits and compute buffers (`.free()`)
+    plan: object         # the backend's plan for a one-device graph, else the Schedule
 
 
 @dataclass
@@ -91,6 +99,7 @@ class ModelRunner:
         self._graphs: OrderedDict[tuple, _Prepared] = OrderedDict()
         self._tokenizer = None
         self.stats = Stats()
+        self.lost: str | None = None   # why a device is unusable, until recover()
 
     # --- public API ------------------------------------------------------------------------------
     @property
@@ -109,6 +118,8 @@ class ModelRunner:
         if self.n_past + ids.size > self.n_ctx:
             raise ContextOverflow(f"context overflow: {self.n_past} + {ids.size} tokens exceed the "
                                   f"context of {self.n_ctx} (use a larger --ctx)")
+        if self.lost is not None:
+            raise DeviceLost(f"{self.lost} (degraded: recover() once the worker is back)")
         outs = []
         step = self.config.n_ubatch
         for s in range(0, ids.size, step):
@@ -170,11 +181,42 @@ class ModelRunner:
         return True
 
     def close(self) -> None:
+        self.drop_graphs()
+        self.kv.free()
+        self.model.free()
+
+    def drop_graphs(self) -> None:
+        """Free every prepared graph (compute buffers, plans); they are rebuilt on demand."""
         for prep in self._graphs.values():
             prep.compute.free()
         self._graphs.clear()
-        self.kv.free()
-        self.model.free()
+
+    # --- health ----------------------------------------------------------------------------------
+    def health(self) -> tuple[str, str]:
+        """("ok", "") or ("degraded", why): a device failed and recover() has not succeeded since."""
+        return ("ok", "") if self.lost is None else ("degraded", self.lost)
+
+    def recover(self, *, progress: bool = False) -> None:
+        """After a lost worker is back: reconnect, upload its weights again (a worker with --cache takes
+        them from its cache), give it fresh KV memory, and start the sequence over (its cache was partly
+        on the lost device). Raises RpcError if a device is still unreachable; then try again later."""
+        lost = self.model.recover(progress=progress)
+        lost += [b for b in self.model.placement.devices if b not in lost and _kv_lost(self.kv, b)]
+        self.drop_graphs()
+        for cache in self.kv.caches:
+            for b in lost:
+                cache.realloc(b)
+        self.reset()
+        self.lost = None
+
+    def _device_failed(self, exc: Exception) -> DeviceLost:
+        endpoint = getattr(exc, "endpoint", "")
+        where = [b for b in self.model.placement.devices if endpoint and getattr(b, "endpoint", None) == endpoint]
+        layers = sorted(il for b in where for il in self.model.placement.layers_of(b))
+        held = f" (holding layers {_span(layers)})" if layers else ""
+        self.lost = f"{where[0].name if where else 'a device'}{held} failed: {exc}"
+        self.drop_graphs()
+        return DeviceLost(self.lost)
 
     # --- one ubatch ------------------------------------------------------------------------------
     def _ubatch(self, tokens: np.ndarray, out_rows: np.ndarray) -> np.ndarray:
@@ -186,14 +228,17 @@ class ModelRunner:
             cache.apply(positions, c)
         n_kv = tuple(cache.n_kv() for cache in self.kv.caches)
         n_out = max(int(out_rows.size), 1)  # a graph always produces one row; unused when none asked
-        prep = self._prepared((n, n_out, n_kv))
-        t1 = time.perf_counter()
-        self._set_inputs(prep.ctx, tokens, positions, cells, out_rows if out_rows.size else np.array([n - 1]))
-        t2 = time.perf_counter()
-        prep.plan.run()  # type: ignore[attr-defined]
-        t3 = time.perf_counter()
-        lg = prep.logits
-        raw = self.backend.get(lg.buffer, lg.offset, lg.nbytes)  # type: ignore[arg-type]
+        try:
+            prep = self._prepared((n, n_out, n_kv))
+            t1 = time.perf_counter()
+            self._set_inputs(prep, tokens, positions, cells, out_rows if out_rows.size else np.array([n - 1]))
+            t2 = time.perf_counter()
+            prep.plan.run()  # type: ignore[attr-defined]
+            t3 = time.perf_counter()
+            lg = prep.logits
+            raw = lg.buffer.backend.get(lg.buffer, lg.offset, lg.nbytes)  # type: ignore[union-attr]
+        except RpcError as exc:
+            raise self._device_failed(exc) from None
         logits = np.frombuffer(raw, dtype=np.float32).reshape(n_out, self.n_vocab)
         t4 = time.perf_counter()
         self.n_past += n
@@ -217,20 +262,29 @@ class ModelRunner:
         n, n_out, n_kv = key
         ctx = GraphContext(self.model, self.kv, n, n_out, n_kv, flash_attn=self.config.flash_attn)
         logits = self.model.build(ctx)
-        compute = ComputeBuffer(self.backend, ctx.graph)
+        sched = Schedule(ctx.graph, self.backend, layer_backend=self.model.layer_backend,
+                         replicas=self.model.weights.replicas)
         try:
-            plan = self.backend.prepare(ctx.graph.nodes)
+            sched.prepare()
         except Unsupported as exc:
-            compute.free()
-            raise EngineError(f"{Path(self.model.path).name}: cannot run on {self.backend.name}: {exc}") from None
-        prep = _Prepared(ctx, logits, compute, plan)
+            names = ", ".join(b.name for b in sched.devices)
+            raise EngineError(f"{Path(self.model.path).name}: cannot run on {names}: {exc}") from None
+        plan = sched.splits[0].plan if sched.single else sched
+        prep = _Prepared(ctx, logits, sched, plan)
         self._graphs[key] = prep
         self.stats.graphs_built += 1
         return prep
 
-    def _set_inputs(self, ctx: GraphContext, tokens: np.ndarray, positions: np.ndarray,
+    def _set_inputs(self, prep: _Prepared, tokens: np.ndarray, positions: np.ndarray,
                     cells: list[np.ndarray], out_rows: np.ndarray) -> None:
-        put = self._put
+        ctx, sched = prep.ctx, prep.compute
+
+        def put(t: Tensor, values: np.ndarray) -> None:
+            data = np.ascontiguousarray(values)
+            if data.nbytes != t.nbytes:
+                raise AssertionError(f"input {t.name!r}: {data.nbytes} bytes for a {t.nbytes}-byte tensor")
+            sched.put(t, memoryview(data).cast("B"))  # each device that reads it; none if no node does
+
         inp = ctx.inputs
         put(inp["tokens"], tokens.astype(np.int32))
         put(inp["pos"], self.model.positions(positions).astype(np.int32))
@@ -245,26 +299,73 @@ class ModelRunner:
             mask = a.cache.kq_mask(a.n_kv, positions)
             put(a.kq_mask, mask if ctx.flash_attn else mask.astype(np.float32))
 
-    def _put(self, t: Tensor, values: np.ndarray) -> None:
-        if t.buffer is None:  # an input no node reads (e.g. a cache without layers): not allocated
-            return
-        data = np.ascontiguousarray(values)
-        if data.nbytes != t.nbytes:
-            raise AssertionError(f"input {t.name!r}: {data.nbytes} bytes for a {t.nbytes}-byte tensor")
-        self.backend.set(t.buffer, t.offset, memoryview(data).cast("B"))  # type: ignore[arg-type]
+
+def _span(items: list[int]) -> str:
+    return f"{items[0]}-{items[-1]}" if len(items) > 1 else str(items[0])
+
+
+def _kv_lost(kv: object, backend: Backend) -> bool:
+    return any(buffer_lost(buf) for cache in kv.caches  # type: ignore[attr-defined]
+               for key, buf in cache.buffers.items() if key == id(backend))
 
 
 def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, n_ubatch: int = 512,
-         type_k: GGMLType = GGMLType.F16, type_v: GGMLType = GGMLType.F16,
-         flash_attn: bool = True) -> ModelRunner:
-    """Open a GGUF model, upload its weights to the device and return a ready ModelRunner.
+         type_k: GGMLType = GGMLType.F16, type_v: GGMLType = GGMLType.F16, flash_attn: bool = True,
+         rpc: Sequence[str | Backend] = (), tensor_split: Sequence[float] | None = None,
+         progress: bool = False, log: Callable[[str], None] | None = None) -> ModelRunner:
+    """Open a GGUF model, upload its weights to the device(s) and return a ready ModelRunner.
 
-    Raises GGUFError/ModelError (one line) for files that cannot be used.
+    `rpc` adds devices that hold layers: "host:port" endpoints (every device of each worker) or Backend
+    objects (tests use local ones). The layers are placed over the workers' devices and then `device`
+    (the master, which also keeps the input and output layers) by free memory or `tensor_split`
+    (one proportion per device, in that order); `log` gets the placement table.
+
+    Raises GGUFError/ModelError (one line) for files that cannot be used, PlacementError when the model
+    does not fit (before anything is uploaded), RpcError when a worker cannot be reached.
     """
-    backend = make_backend(device) if isinstance(device, str) else device
-    with GGUFFile(path) as f:
-        cls = model_class(f.arch, f.path)
-        model = cls(f, backend)
-        metadata = f.metadata
+    master = make_backend(device) if isinstance(device, str) else device
+    owned: list[Backend] = []
+    try:
+        workers = _connect(rpc, owned)
+        with GGUFFile(path) as f:
+            cls = model_class(f.arch, f.path)
+            placement = None
+            if workers or tensor_split is not None:
+                hp = cls.hparams_cls.from_gguf(f)
+                costs = model_costs(f, hp, n_ctx=n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v,
+                                    flash_attn=flash_attn)
+                placement = place(costs, [*workers, master], master, tensor_split)
+                if log is not None:
+                    log(placement.describe())
+            model = cls(f, master, placement, progress=progress)
+            metadata = f.metadata
+    except BaseException:
+        for b in owned:
+            b.close()  # type: ignore[attr-defined]
+        raise
+    model.owned = owned
     config = RunnerConfig(n_ctx=n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
-    return ModelRunner(model, config, metadata)
+    try:
+        return ModelRunner(model, config, metadata)
+    except BaseException:
+        model.free()
+        raise
+
+
+def _connect(rpc: Sequence[str | Backend], owned: list[Backend]) -> list[Backend]:
+    """Backends for --rpc entries: every device of each worker endpoint, in order (llama.cpp adds them
+    all), or Backend objects as given."""
+    from ..rpc.client_backend import RpcBackend
+    out: list[Backend] = []
+    for entry in rpc:
+        if isinstance(entry, Backend):
+            out.append(entry)
+            continue
+        first = RpcBackend(entry)
+        owned.append(first)
+        out.append(first)
+        for dev in range(1, first.link.device_count):
+            be = RpcBackend(entry, dev)
+            owned.append(be)
+            out.append(be)
+    return out

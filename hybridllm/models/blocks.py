@@ -19,6 +19,8 @@ from ..backends.base import Backend
 from ..engine.alloc import WeightStore
 from ..engine.gguf_file import GGUFError, GGUFFile
 from ..engine.kv_cache import KVCache, KVCacheISWA, KVUnified, LayerKV, pad
+from ..engine.placement import Placement
+from ..engine.scheduler import buffer_lost
 from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import GGMLType, RopeMode, type_name
@@ -177,13 +179,24 @@ class Model(ABC):
     hparams_cls: ClassVar[type[HParams]]
     n_pos_per_embd: ClassVar[int] = 1   # 4 for M-RoPE models (qwen3vl)
 
-    def __init__(self, f: GGUFFile, backend: Backend) -> None:
+    def __init__(self, f: GGUFFile, backend: Backend, placement: Placement | None = None, *,
+                 progress: bool = False) -> None:
+        """Upload the weights: all to `backend`, or per `placement` (layers on their devices; `backend`,
+        the master, keeps the input and output layers)."""
         self.path = f.path
         self.hp = self.hparams_cls.from_gguf(f)
         self.backend = backend
+        self.placement = placement or Placement.single(backend, self.hp.n_layer)
+        if len(self.placement.layer_backends) != self.hp.n_layer:
+            raise ModelError(f"{f.path}: placement covers {len(self.placement.layer_backends)} layers, "
+                             f"the model has {self.hp.n_layer}")
         names = self.check_tensors(f)
-        self.weights = WeightStore(backend, f, names)
+        self.weights = WeightStore(backend, f, names, devices_of=self.placement.backends_for, progress=progress)
         self.tensor_types = {n: f.tensors[n].type for n in names}
+        self.owned: list[Backend] = []   # backends load() opened for this model; closed with it
+
+    def layer_backend(self, il: int) -> Backend:
+        return self.placement.layer_backends[il]
 
     @abstractmethod
     def tensor_specs(self) -> list[TensorSpec]:
@@ -223,6 +236,7 @@ class Model(ABC):
         layers = self.layer_kv()
         swa_layers = [s for s in layers if self.hp.is_swa(s.il)]
         kw: dict[str, Any] = {"type_k": type_k, "type_v": type_v, "v_trans": v_trans}
+        kw["backend_of"] = self.layer_backend
         if not swa_layers:
             return KVUnified(KVCache(self.backend, layers, size, **kw))
         n_swa = self.hp.n_swa
@@ -246,8 +260,25 @@ class Model(ABC):
         out = self.w("output.weight")
         return out if out is not None else self.weights["token_embd.weight"]
 
+    def recover(self, *, progress: bool = False) -> list[Backend]:
+        """Reconnect the devices whose weights were lost with their worker, and upload them again;
+        returns those devices (RpcError if one is still unreachable)."""
+        lost = [b for b in self.placement.devices
+                if any(key == id(b) and buffer_lost(buf) for key, buf in self.weights.buffers.items())]
+        for b in lost:
+            reconnect = getattr(b, "reconnect", None)
+            if reconnect is not None:
+                reconnect()
+            self.weights.reload(b, progress)
+        return lost
+
     def free(self) -> None:
         self.weights.free()
+        for b in self.owned:
+            close = getattr(b, "close", None)
+            if close is not None:
+                close()
+        self.owned.clear()
 
     def describe_types(self) -> dict[str, int]:
         counts: dict[str, int] = {}
