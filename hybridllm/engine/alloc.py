@@ -161,6 +161,33 @@ class _NoBar:
         pass
 
 
+# Consecutive small tensors are uploaded as one SET of up to this many bytes: fewer messages, and a run
+# above the RPC hash threshold (10 MiB) lets a worker with --cache skip it on the next load.
+UPLOAD_RUN = 32 << 20
+
+
+def _runs(entries: list[tuple[Tensor, str, int]]) -> Iterable[list[tuple[Tensor, str, int]]]:
+    run: list[tuple[Tensor, str, int]] = []
+    for e in entries:
+        if run and e[2] + e[0].nbytes - run[0][2] > UPLOAD_RUN:
+            yield run
+            run = []
+        run.append(e)
+    if run:
+        yield run
+
+
+def _run_bytes(gguf: GGUFFile, run: list[tuple[Tensor, str, int]]) -> Any:
+    """The bytes of a run of tensors as they lie in the buffer (alignment gaps zeroed)."""
+    if len(run) == 1:
+        return gguf.tensor_data(run[0][1]).data
+    start = run[0][2]
+    out = bytearray(run[-1][2] + run[-1][0].nbytes - start)
+    for t, name, off in run:
+        out[off - start:off - start + t.nbytes] = gguf.tensor_data(name).data
+    return out
+
+
 class WeightStore:
     """The model's weights as leaf Tensors named like the GGUF tensors, in one buffer per device.
 
@@ -206,12 +233,13 @@ class WeightStore:
         init = getattr(dev, "init_tensor", None)   # RPC: padded rows of quantized tensors (CUDA workers)
         bar = upload_progress(sum(t.nbytes for t, _, _ in entries), f"weights -> {dev.name}", progress)
         try:
-            for t, name, off in entries:
-                t.buffer, t.offset = buf, off
-                if init is not None:
-                    init(t)
-                dev.set(buf, off, gguf.tensor_data(name).data)
-                bar.update(t.nbytes)
+            for run in _runs(entries):
+                for t, _, off in run:
+                    t.buffer, t.offset = buf, off
+                    if init is not None:
+                        init(t)
+                dev.set(buf, run[0][2], _run_bytes(gguf, run))
+                bar.update(sum(t.nbytes for t, _, _ in run))
         finally:
             bar.close()
 
