@@ -2,6 +2,7 @@
 
     hybridllm run model.gguf -p "The capital of France is" -n 64 --temp 0
     hybridllm run model.gguf --chat
+    hybridllm run model.gguf --rpc 10.0.0.2:50052,10.0.0.3:50052 --tensor-split 2,1,1 -p "Hi"
     hybridllm info model.gguf
     hybridllm bench model.gguf -p 128 -n 128 [-o json]
 """
@@ -20,11 +21,14 @@ import numpy as np
 
 from ..backends.base import ComputeError
 from ..cli import CliError
+from ..rpc.transport import RpcError
+from .alloc import AllocError
 from .gguf_file import GGUFError, GGUFFile
 from .kv_cache import ContextOverflow, pad
+from .placement import parse_tensor_split
 from .runner import EngineError, ModelRunner, load
 
-_USER_ERRORS = (GGUFError, EngineError, ContextOverflow, MemoryError, ValueError)
+_USER_ERRORS = (GGUFError, EngineError, ContextOverflow, MemoryError, ValueError, RpcError, AllocError)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -65,14 +69,30 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-ub", "--ubatch", type=int, default=512, help="prompt tokens per graph evaluation")
     p.add_argument("--device", default="cpu", help="compute device (cpu)")
     p.add_argument("--no-flash-attn", action="store_true", help="KQ/softmax attention instead of flash attention")
+    p.add_argument("--rpc", default="", metavar="HOST:PORT[,..]",
+                   help="RPC workers (hybridllm worker or llama.cpp rpc-server) whose devices hold layers")
+    p.add_argument("-ts", "--tensor-split", default="", metavar="A,B[,..]",
+                   help="layer proportions per device: each worker's devices in --rpc order, then the local "
+                        "device (default: by the free memory each reports)")
+
+
+def placement_options(rpc: str, tensor_split: str) -> tuple[list[str], list[float] | None]:
+    """--rpc and --tensor-split as load() takes them; CliError on a malformed value."""
+    endpoints = [e.strip() for e in rpc.split(",") if e.strip()]
+    try:
+        return endpoints, parse_tensor_split(tensor_split) if tensor_split.strip() else None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _load(args: argparse.Namespace) -> ModelRunner:
     if args.ctx <= 0 or args.ubatch <= 0:
         raise CliError("--ctx and --ubatch must be positive")
+    rpc, split = placement_options(args.rpc, args.tensor_split)
     try:
         return load(args.model, device=args.device, n_ctx=args.ctx, n_ubatch=args.ubatch,
-                    flash_attn=not args.no_flash_attn)
+                    flash_attn=not args.no_flash_attn, rpc=rpc, tensor_split=split,
+                    progress=bool(rpc) or sys.stderr.isatty(), log=lambda text: print(text, file=sys.stderr))
     except _USER_ERRORS as exc:
         raise CliError(str(exc)) from None
 
@@ -291,7 +311,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     st = runner.stats
     model = {"model": Path(args.model).name, "arch": runner.hp.arch, "size": runner.model.weights.nbytes,
-             "backend": runner.backend.name, "threads": os.cpu_count(),
+             "backend": "+".join(b.name for b in runner.model.placement.devices), "threads": os.cpu_count(),
              "flash_attn": not args.no_flash_attn, "n_ubatch": args.ubatch}
     if args.output == "json":
         print(json.dumps([{**model, **r} for r in results], indent=2))

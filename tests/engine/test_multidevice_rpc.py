@@ -189,3 +189,39 @@ def test_worker_dies_and_comes_back(root: Path, tmp_path: Path, monkeypatch: pyt
     finally:
         proc.kill()
         proc.wait(10)
+
+
+CLI = [sys.executable, "-m", "hybridllm.cli"]
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(CLI + args, capture_output=True, text=True, check=False, timeout=120)
+
+
+def test_cli_run_with_rpc(root: Path, ours: ServerProc) -> None:
+    path = str(model_path(root, "llama", "q8_0", n_layer=4))
+    args = ["run", path, "-p", "hello world", "-n", "8", "--temp", "0", "--ctx", "256"]
+    local = _cli(args)
+    split = _cli(args + ["--rpc", ours.endpoint, "--tensor-split", "1,1,1"])
+    assert local.returncode == 0 and split.returncode == 0, split.stderr
+    assert split.stdout == local.stdout
+    assert "placement (--tensor-split 1,1,1)" in split.stderr and f"RPC1[{ours.endpoint}]" in split.stderr
+    assert f"weights -> RPC0[{ours.endpoint}]" in split.stderr   # the upload progress bar
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tensor-split", "1,x"], "--tensor-split '1,x': expected comma-separated numbers"),
+    (["--tensor-split", "1,1"], "--tensor-split has 2 values for 3 devices"),
+])
+def test_cli_placement_errors_are_one_line(root: Path, ours: ServerProc, extra: list[str], message: str) -> None:
+    path = str(model_path(root, "llama", "q8_0", n_layer=4))
+    proc = _cli(["run", path, "-p", "hi", "--ctx", "256", "--rpc", ours.endpoint, *extra])
+    assert proc.returncode != 0 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_unreachable_worker_is_one_line(root: Path) -> None:
+    port = free_port()
+    proc = _cli(["run", str(model_path(root, "llama", "q8_0", n_layer=4)), "-p", "hi", "--rpc", f"{HOST}:{port}"])
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"hybridllm run: error: RPC worker {HOST}:{port}: cannot connect: Connection refused"
