@@ -9,13 +9,11 @@ buffer view with colo element offsets (kernels.py describes the work layout). ge
 binding precomputes the work split, and the bound call only converts the activations and runs.
 
 Each weight type has one small cached jitted entry (`_q4_0`, ...) that binds the literal format, so a
-type costs one specialization (~1-3 s to compile once, then loaded from numba's cache). Threads are plain
-Python threads running those entries with the GIL released, pulling work items from a shared atomic
-counter; small products run on the calling thread alone, with no hand-off cost.
+type costs one specialization (~1-3 s to compile once, then loaded from numba's cache). threads.py runs
+those entries on several threads.
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Callable
 
@@ -25,89 +23,90 @@ from numba import njit
 from ...ggml.types import GGMLType
 from .actquant import convert_float, quantize_q8_0, quantize_q8_k
 from .kernels import f_drain, k_drain, q32_drain
+from .threads import get_num_threads, run_items, set_num_threads
 
-# Arguments of every entry: counter, nitems, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, <activation
-# arrays>, out. The literal first argument of a drain selects the decoder at compile time.
-
-
-@njit(cache=True, nogil=True)
-def _q4_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
-    q32_drain(2, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+# Arguments of every entry: post, counter, nitems, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo,
+# <activation arrays>, out. The literal first argument of a drain selects the decoder at compile time.
 
 
 @njit(cache=True, nogil=True)
-def _q4_1(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
-    q32_drain(3, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _q4_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(2, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
-    q32_drain(6, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _q4_1(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(3, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_1(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
-    q32_drain(7, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _q5_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(6, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q8_0(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
-    q32_drain(8, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _q5_1(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(7, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _iq4_nl(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
-    q32_drain(20, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _q8_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(8, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _mxfp4(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
-    q32_drain(39, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _iq4_nl(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(20, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q2_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(10, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _mxfp4(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+    q32_drain(39, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q3_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(11, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _q2_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(10, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q4_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(12, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _q3_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(11, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(13, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _q4_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(12, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q6_k(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(14, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _q5_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(13, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _iq4_xs(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
-    k_drain(23, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _q6_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(14, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _f32(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
-    f_drain(0, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
+def _iq4_xs(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+    k_drain(23, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _f16(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
-    f_drain(1, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
+def _f32(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
+    f_drain(0, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
 
 
 @njit(cache=True, nogil=True)
-def _bf16(c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
-    f_drain(30, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
+def _f16(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
+    f_drain(1, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
+
+
+@njit(cache=True, nogil=True)
+def _bf16(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
+    f_drain(30, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
 
 
 T = GGMLType
@@ -120,83 +119,6 @@ _FLOAT_FAMILY = {T.F32: _f32, T.F16: _f16, T.BF16: _bf16}
 _FLOAT_B = {T.F32: (T.F32, T.F16, T.BF16), T.F16: (T.F32, T.F16), T.BF16: (T.F32, T.BF16)}
 FAST_TYPES = frozenset(_Q8_0_FAMILY) | frozenset(_Q8_K_FAMILY) | frozenset(_FLOAT_FAMILY)
 
-# --- threads -------------------------------------------------------------------------------------------
-
-_SERIAL_MACS = 1 << 18   # below ~256K multiply-adds (~15 us) waking a helper costs more than it saves
-
-
-class _Helpers:
-    """Persistent helper threads. A job is a jitted entry (GIL released) plus its arguments; every thread,
-    the caller included, runs it, and the entries share work through an atomic counter, so a helper
-    that wakes late only takes fewer items."""
-
-    def __init__(self, n: int) -> None:
-        self.go = [threading.Semaphore(0) for _ in range(n)]
-        self.done = threading.Semaphore(0)
-        self.job: tuple[Callable[..., None], tuple] | None = None
-        self.error: BaseException | None = None
-        for i in range(n):
-            threading.Thread(target=self._loop, args=(i,), name=f"hybridllm-mm-{i}", daemon=True).start()
-
-    def _loop(self, i: int) -> None:
-        while True:
-            self.go[i].acquire()
-            fn, args = self.job  # type: ignore[misc]
-            try:
-                fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                self.error = exc
-            finally:
-                self.done.release()
-
-    def run(self, fn: Callable[..., None], args: tuple, helpers: int) -> None:
-        self.job, self.error = (fn, args), None
-        for i in range(helpers):
-            self.go[i].release()
-        try:
-            fn(*args)
-        finally:
-            for _ in range(helpers):
-                self.done.acquire()
-        if self.error is not None:
-            raise self.error
-
-
-_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_helpers: _Helpers | None = None
-_helpers_lock = threading.Lock()
-
-
-def set_num_threads(n: int) -> None:
-    """Threads the matmul kernels use (the calling thread included)."""
-    global _threads
-    _threads = max(1, int(n))
-
-
-def get_num_threads() -> int:
-    return _threads
-
-
-def _run_items(entry: Callable[..., None], nitems: int, macs: int, args: tuple) -> None:
-    """Run work items 0..nitems-1 of `entry` on up to `_threads` threads."""
-    global _helpers
-    counter = _scratch.counter
-    counter[0] = 0
-    helpers = min(_threads, nitems) - 1 if macs >= _SERIAL_MACS else 0
-    if helpers <= 0:
-        entry(counter, nitems, *args)
-        return
-    if not _helpers_lock.acquire(blocking=False):  # helpers busy with another caller's job: run alone
-        entry(counter, nitems, *args)
-        return
-    try:
-        if _helpers is None or len(_helpers.go) < helpers:
-            _helpers = _Helpers(max(helpers, _threads - 1))
-        _helpers.run(entry, (counter, nitems, *args), helpers)
-    finally:
-        _helpers_lock.release()
-
-
 class _Scratch(threading.local):
     """Per-thread work arrays for converted activations, reused by every node (they grow, never shrink).
     Views for a (family, C, K) are cached until an array is reallocated."""
@@ -204,7 +126,7 @@ class _Scratch(threading.local):
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
         self.views: dict[tuple, tuple[np.ndarray, ...]] = {}
-        self.counter = np.zeros(1, np.int64)
+        self.counter = np.zeros(2, np.int64)
 
     def array(self, name: str, dtype: type, n: int) -> np.ndarray:
         arr = self.arrays.get(name)
@@ -238,7 +160,7 @@ _scratch = _Scratch()
 
 def _layout(M: int, groups: int) -> tuple[int, int, int]:
     """(nitems, row chunks per group, rows per chunk): chunks of >= 16 rows, ~8 items per thread."""
-    per_group = max(1, (8 * _threads + groups - 1) // groups)
+    per_group = max(1, (8 * get_num_threads() + groups - 1) // groups)
     rows = max(16, (M + per_group - 1) // per_group)
     nch = (M + rows - 1) // rows
     return groups * nch, nch, rows
@@ -280,6 +202,6 @@ def _binder(atype: int, btype: int, family: str) -> Binder:
                 quantize_q8_k(bbuf, boff, K, *ws)
             else:
                 convert_float(fa, fb, bbuf, boff, K, *ws)
-            _run_items(entry, nitems, macs, head + ws + (out,))
+            run_items(entry, nitems, macs, head + ws + (out,), _scratch.counter)
         return run
     return bind

@@ -21,7 +21,7 @@ from numba import njit
 from ...ggml.types import GGMLType
 from .decode import dec_q32, load_f, load_f16x, q32_dot8x2, q32_scale2, q32_scale_at
 from .decode_k import ksb_d, ksb_dot, ksb_dot8, ksb_min
-from .simd import (HAS_MADDUBS, add_f32, atomic_next, f16_at, fma_f32, fma_i32, fma_i32_v, hsum_f32, literal_value,
+from .simd import (HAS_MADDUBS, add_f32, atomic_add, atomic_next, f16_at, fma_f32, fma_i32, fma_i32_v, hsum_f32, literal_value,
                    load_f32x16, load_i16x32, madd, mul_f32, zero_f32x16)
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8
@@ -312,37 +312,48 @@ def _f_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
             out[colo[c] + r] = _f_col1(fmt, abuf, ro, K, bf, colb[c])
 
 
-# --- drains: a thread pulls work items from the shared counter until none is left -----------------
+# --- drains: a thread pulls work items from counter[0] until none is left; counter[1] counts the
+# finished ones (the caller waits for all of them). `post` (empty for helpers) gets its job number
+# bumped first: see threads.py --------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, _nrt=False)
-def q32_drain(fmt: int, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
+def q32_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
               M: int, K: int, goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray,
               bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray, bs: np.ndarray, ycorr: np.ndarray,
               dyv: np.ndarray, out: np.ndarray) -> None:
+    if post.shape[0]:  # the caller announces the job to polling helpers with the GIL already released
+        atomic_add(post, 0, 1)
     while True:
         it = atomic_next(counter)
         if it >= nitems:
             return
         _q32_item(fmt, it, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bq, bq8, bd, bs, ycorr, dyv, out)
+        atomic_add(counter, 1, 1)
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def k_drain(fmt: int, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
+def k_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
             M: int, K: int, goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray,
             bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray, bsum: np.ndarray, out: np.ndarray) -> None:
+    if post.shape[0]:  # the caller announces the job to polling helpers with the GIL already released
+        atomic_add(post, 0, 1)
     while True:
         it = atomic_next(counter)
         if it >= nitems:
             return
         _k_item(fmt, it, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bq, bq8, bd, bsum, out)
+        atomic_add(counter, 1, 1)
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def f_drain(fmt: int, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
+def f_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
             M: int, K: int, goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray,
             bf: np.ndarray, out: np.ndarray) -> None:
+    if post.shape[0]:  # the caller announces the job to polling helpers with the GIL already released
+        atomic_add(post, 0, 1)
     while True:
         it = atomic_next(counter)
         if it >= nitems:
             return
         _f_item(fmt, it, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bf, out)
+        atomic_add(counter, 1, 1)

@@ -391,3 +391,43 @@ def mul_f32(typingctx: Any, a: Any, b: Any) -> Any:
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
         return builder.fmul(args[0], args[1])
     return F32x16(a, b), codegen
+
+
+@intrinsic
+def atomic_load(typingctx: Any, arr: Any, idx: Any) -> Any:
+    """arr[idx] of an int64 array, read atomically (acquire): safe to poll while other threads write."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.int64)])
+        return builder.load_atomic(ptr, "acquire", 8)
+    return types.int64(arr, idx), codegen
+
+
+@intrinsic
+def atomic_add(typingctx: Any, arr: Any, idx: Any, value: Any) -> Any:
+    """arr[idx] += value atomically (int64 array); returns the previous value."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(idx, types.Integer)
+            and isinstance(value, types.Integer)):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.int64)])
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, v, "acq_rel")
+    return types.int64(arr, idx, value), codegen
+
+
+@intrinsic
+def cpu_relax(typingctx: Any) -> Any:
+    """A spin-wait hint (x86 `pause`; nothing elsewhere)."""
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        if HAS_AVX2:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.none(), codegen
