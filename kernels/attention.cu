@@ -8,6 +8,7 @@
 // The warps' partial (max, sum, accumulator) triples are merged at the end. Decode (n_q = 1) is the
 // target; prefill runs the same kernel per query (K/V come again from L2).
 #include "common.cuh"
+#include "q8.cuh"
 
 #define FA_WARPS 4
 
@@ -38,7 +39,7 @@ HL_DEV void flash_attn(const u8* q, const u8* k, const u8* v, const u8* mask, co
                        int rv2, int rv3, i64 nbq1, i64 nbq2, i64 nbq3, i64 nbk1, i64 nbk2, i64 nbk3,
                        i64 nbv1, i64 nbv2, i64 nbv3, int nm2, int nm3, i64 nbm1, i64 nbm2, i64 nbm3,
                        float scale, float max_bias, float m0, float m1, int n_head_log2, float softcap,
-                       i64 nbd1, i64 nbd2, i64 nbd3) {
+                       i64 nbd1, i64 nbd2, i64 nbd3, i8* oq, float* od) {
     constexpr int PER = MAXD / HL_WARP;  // head-dim elements per lane in the V accumulator
     __shared__ float sq[MAXD];
     __shared__ float sm_max[FA_WARPS], sm_sum[FA_WARPS];
@@ -108,12 +109,21 @@ HL_DEV void flash_attn(const u8* q, const u8* k, const u8* v, const u8* mask, co
     float denom = sinks ? expf(sink - Mg) : 0.0f;
     for (int w = 0; w < FA_WARPS; w++)
         if (sm_max[w] != -f32_inf()) denom += sm_sum[w] * expf(sm_max[w] - Mg);
-    float* out = (float*)(dst + h * nbd1 + i * nbd2 + s * nbd3);
-    for (int d = threadIdx.x; d < Dv; d += blockDim.x) {
+    const i64 off = h * nbd1 + i * nbd2 + s * nbd3;
+    float* out = (float*)(dst + off);
+    // with oq (dst contiguous, Dv % 32 == 0): the q8 copy of the output for the matmul reading it
+    const i64 flat = off / 4;
+    for (int d0 = 0; d0 < Dv; d0 += blockDim.x) {  // uniform trip count: q8 shuffles
+        const int d = d0 + threadIdx.x;
+        const bool ok = d < Dv;
         float o = 0.0f;
-        for (int w = 0; w < FA_WARPS; w++)
-            if (sm_max[w] != -f32_inf()) o += sm_acc[w][d] * expf(sm_max[w] - Mg);
-        out[d] = denom > 0.0f ? o / denom : 0.0f;
+        if (ok) {
+            for (int w = 0; w < FA_WARPS; w++)
+                if (sm_max[w] != -f32_inf()) o += sm_acc[w][d] * expf(sm_max[w] - Mg);
+            o = denom > 0.0f ? o / denom : 0.0f;
+            out[d] = o;
+        }
+        if (oq) q8_quantize32(o, threadIdx.x & 31, ok, oq + flat + (d & ~31), od + (flat + d) / 32);
     }
 }
 
@@ -122,11 +132,11 @@ HL_DEV void flash_attn(const u8* q, const u8* k, const u8* v, const u8* mask, co
         int mask_type, int kvec, int D, int Dv, int n_kv, int rk2, int rk3, int rv2, int rv3, i64 nbq1, i64 nbq2,   \
         i64 nbq3, i64 nbk1, i64 nbk2, i64 nbk3, i64 nbv1, i64 nbv2, i64 nbv3, int nm2, int nm3, i64 nbm1, \
         i64 nbm2, i64 nbm3, float scale, float max_bias, float m0, float m1, int n_head_log2,            \
-        float softcap, i64 nbd1, i64 nbd2, i64 nbd3
+        float softcap, i64 nbd1, i64 nbd2, i64 nbd3, i8 *oq, float *od
 #define FA_PASS                                                                                            \
     q, k, v, mask, sinks, dst, kt, vt, mask_type, kvec, D, Dv, n_kv, rk2, rk3, rv2, rv3, nbq1, nbq2, nbq3, nbk1, \
         nbk2, nbk3, nbv1, nbv2, nbv3, nm2, nm3, nbm1, nbm2, nbm3, scale, max_bias, m0, m1, n_head_log2,   \
-        softcap, nbd1, nbd2, nbd3
+        softcap, nbd1, nbd2, nbd3, oq, od
 
 extern "C" __global__ void __launch_bounds__(FA_WARPS * HL_WARP) k_flash_attn_256(FA_ARGS) {
     flash_attn<256>(FA_PASS);

@@ -98,6 +98,21 @@ HL_DEV float shfl_idx(float v, int src) {
 #endif
 }
 
+// Integer and 64-bit shuffles (pointers for the emulated ldmatrix, packed int8/f16 words).
+HL_DEV u32 shfl_idx_u32(u32 v, int src) {
+#if defined(HL_CUDA)
+    return __shfl_sync(0xffffffffu, v, src, HL_WARP);
+#elif defined(HL_HIP)
+    return (u32)__shfl((int)v, src, HL_WARP);
+#else
+    return emu::shfl_idx(v, src);
+#endif
+}
+HL_DEV u64 shfl_idx_u64(u64 v, int src) {
+    const u32 lo = shfl_idx_u32((u32)v, src), hi = shfl_idx_u32((u32)(v >> 32), src);
+    return (u64)lo | ((u64)hi << 32);
+}
+
 // Sum/max over groups of W consecutive lanes (W a power of two <= HL_WARP); every lane gets the result.
 template <int W = HL_WARP>
 HL_DEV float warp_sum(float v) {
@@ -150,6 +165,28 @@ HL_DEV int dot4_i8(int a, int b, int c) {
     for (int i = 0; i < 4; i++) c += (int)(i8)(a >> (8 * i)) * (int)(i8)(b >> (8 * i));
     return c;
 #endif
+}
+
+// Byte-wise helpers for packed int8 words.
+HL_DEV u32 hi16_lo16(u32 lo, u32 hi) { return (lo >> 16) | (hi << 16); }  // bytes 2..5 of hi:lo
+
+// `NW` 32-bit words starting at a 2-byte aligned address (quant blocks of 18/22/34/210 bytes): aligned
+// loads, shifted by 16 bits when p is 2 mod 4. Reads stay inside the 4-byte words holding the bytes.
+template <int NW>
+HL_DEV void ld_words_a2(const u8* p, u32* w) {
+    const u32* a = (const u32*)((u64)p & ~(u64)3);
+    if (((u64)p & 3) == 0) {
+#pragma unroll
+        for (int i = 0; i < NW; i++) w[i] = a[i];
+    } else {
+        u32 prev = a[0];
+#pragma unroll
+        for (int i = 0; i < NW; i++) {
+            const u32 next = a[i + 1];
+            w[i] = hi16_lo16(prev, next);
+            prev = next;
+        }
+    }
 }
 
 // ---- device-side error reporting: first failing node wins (the host reads it after a run) -------------

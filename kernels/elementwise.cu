@@ -4,6 +4,7 @@
 // Launch shape for all of them: grid (ceil(ne0 / blockDim.x), min(rows, 65535), ceil(rows / 65535)),
 // one row (i1, i2, i3) per (blockIdx.y, blockIdx.z), threads along i0.
 #include "common.cuh"
+#include "act.cuh"
 
 HL_DEV bool row_index(int ne1, int ne2, int ne3, int* i1, int* i2, int* i3) {
     const i64 r = blockIdx.y + (i64)blockIdx.z * gridDim.y;
@@ -36,22 +37,6 @@ extern "C" __global__ void __launch_bounds__(1024) k_binary(
         store_elem(dr + i0 * nbd0, td, r);
     }
 }
-
-// ggml's CPU GELU/GELU_QUICK go through a table indexed by the f16 rounding of x and return an f16-rounded
-// value; doing the same keeps results equal to the reference instead of ~1e-3 away.
-HL_DEV float f16_round(float x) { return f16_to_f32(f32_to_f16(x)); }
-HL_DEV float gelu_tanh(float x) {
-    if (x <= -10.0f) return 0.0f;
-    if (x >= 10.0f) return x;
-    const float h = f16_round(x);
-    return f16_round(0.5f * h * (1.0f + tanhf(0.79788456080286535588f * h * (1.0f + 0.044715f * h * h))));
-}
-HL_DEV float gelu_quick(float x) {
-    const float h = f16_round(x);
-    return f16_round(h * (1.0f / (1.0f + expf(-1.702f * h))));
-}
-HL_DEV float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f)); }
-HL_DEV float silu(float x) { return x / (1.0f + expf(-x)); }
 
 // ggml_unary_op ids, then pseudo-ops for the separate ggml ops that map onto one input and two params.
 enum {
@@ -106,25 +91,6 @@ extern "C" __global__ void __launch_bounds__(1024) k_unary(
     u8* dr = d + i1 * nbd1 + i2 * nbd2 + i3 * nbd3;
     for (int i0 = blockIdx.x * blockDim.x + threadIdx.x; i0 < ne0; i0 += blockDim.x * gridDim.x)
         store_elem(dr + i0 * nbd0, td, unary(op, load_elem(ar + i0 * nba0, ta), p0, p1));
-}
-
-enum { G_REGLU = 0, G_GEGLU = 1, G_SWIGLU = 2, G_SWIGLU_OAI = 3, G_GEGLU_ERF = 4, G_GEGLU_QUICK = 5,
-       G_SWIGLU_CLAMP = 6 };
-
-HL_DEV float glu(int op, float a, float b, float alpha, float limit) {
-    switch (op) {
-        case G_REGLU: return (a > 0.0f ? a : 0.0f) * b;
-        case G_GEGLU: return gelu_tanh(a) * b;
-        case G_SWIGLU: return silu(a) * b;
-        case G_GEGLU_ERF: return gelu_erf(a) * b;
-        case G_GEGLU_QUICK: return gelu_quick(a) * b;
-        case G_SWIGLU_OAI: {
-            const float x = fminf(a, limit), y = fminf(fmaxf(b, -limit), limit);
-            return x / (1.0f + expf(-alpha * x)) * (y + 1.0f);
-        }
-        case G_SWIGLU_CLAMP: return silu(fminf(a, limit)) * fminf(fmaxf(b, -limit), limit);
-        default: return 0.0f;
-    }
 }
 
 // a and b are the gate and up operands (two tensors, or the two halves of one row: the host offsets b).

@@ -2,6 +2,8 @@
 // follows them in llama.cpp graphs) and SOFT_MAX (scale, mask, ALiBi slope, attention sinks).
 // One block per row: grid (min(rows, 65535), ceil(rows / 65535)), 1-D block of a multiple of HL_WARP.
 #include "common.cuh"
+#include "q8.cuh"
+#include "rope.cuh"
 
 HL_DEV bool block_row(int ne1, int ne2, int ne3, int* i1, int* i2, int* i3) {
     const i64 r = blockIdx.x + (i64)blockIdx.y * gridDim.x;
@@ -18,7 +20,7 @@ enum { N_RMS = 0, N_NORM = 1, N_L2 = 2 };
 extern "C" __global__ void __launch_bounds__(1024) k_norm(
     int kind, float eps, const u8* x, u8* d, const u8* w, int ne0, int ne1, int ne2, int ne3, i64 nbx1,
     i64 nbx2, i64 nbx3, i64 nbd1, i64 nbd2, i64 nbd3, int nw0, int nw1, int nw2, int nw3, i64 nbw0, i64 nbw1,
-    i64 nbw2, i64 nbw3) {
+    i64 nbw2, i64 nbw3, i8* oq, float* od) {
     __shared__ float scratch[HL_MAX_WARPS];
     int i1, i2, i3;
     if (!block_row(ne1, ne2, ne3, &i1, &i2, &i3)) return;
@@ -41,10 +43,74 @@ extern "C" __global__ void __launch_bounds__(1024) k_norm(
     float scale;
     if (kind == N_L2) scale = 1.0f / fmaxf(sqrtf(s2), eps);
     else scale = 1.0f / sqrtf(s2 / (float)ne0 + eps);
-    for (int i = threadIdx.x; i < ne0; i += blockDim.x) {
-        float v = (xr[i] - mean) * scale;
-        if (wr) v *= *(const float*)(wr + (i % nw0) * nbw0);
-        dr[i] = v;
+    // with oq (dst contiguous, ne0 % 32 == 0): also the q8 copy of the row for the matmuls reading it
+    const i64 flat = ((i64)i1 + (i64)ne1 * (i2 + (i64)ne2 * i3)) * ne0;
+    for (int base = 0; base < ne0; base += blockDim.x) {  // uniform trip count: q8 shuffles
+        const int i = base + threadIdx.x;
+        const bool ok = i < ne0;
+        float v = 0.0f;
+        if (ok) {
+            v = (xr[i] - mean) * scale;
+            if (wr) v *= *(const float*)(wr + (i % nw0) * nbw0);
+            dr[i] = v;
+        }
+        if (oq) q8_quantize32(v, threadIdx.x & 31, ok, oq + flat + (i & ~31), od + (flat + i) / 32);
+    }
+}
+
+// RMS_NORM(x) * w -> ROPE (NORMAL/NEOX, no offset) in one pass over rows of one head (ne0 <= 1024), written
+// to d (f32) or, with idx, as SET_ROWS of the result seen as rows of ne0*ne1: row idx[i2] of `cache`
+// (f16/f32, row stride nbc1), columns i1*ne0 + i0. One block per row (i1 head, i2 token, i3).
+extern "C" __global__ void __launch_bounds__(1024) k_norm_rope(
+    const u8* x, u8* d, const u8* w, const u8* pos, const u8* ff, float eps, int ne0, int ne1, int ne2, int ne3,
+    i64 nbx1, i64 nbx2, i64 nbx3, i64 nbd1, i64 nbd2, i64 nbd3, int nw0, i64 nbw0, int mode, int n_dims,
+    float theta_scale, float freq_scale, float ext_factor, float attn_factor, float corr0, float corr1,
+    const u8* idx, int idx64, u8* cache, int cache_f16, i64 nbc1) {
+    __shared__ float scratch[HL_MAX_WARPS];
+    __shared__ float row[1024];
+    int i1, i2, i3;
+    if (!block_row(ne1, ne2, ne3, &i1, &i2, &i3)) return;
+    const float* xr = (const float*)(x + i1 * nbx1 + i2 * nbx2 + i3 * nbx3);
+    float s2 = 0.0f;
+    for (int i = threadIdx.x; i < ne0; i += blockDim.x) s2 += xr[i] * xr[i];
+    s2 = block_sum(s2, scratch);
+    const float scale = 1.0f / sqrtf(s2 / (float)ne0 + eps);
+    for (int i = threadIdx.x; i < ne0; i += blockDim.x) row[i] = xr[i] * scale * *(const float*)(w + (i % nw0) * nbw0);
+    __syncthreads();
+    const float p = (float)((const i32*)pos)[i2];
+    u8* out;
+    int f16 = 0;
+    if (cache) {
+        const i64 r = idx64 ? ((const i64*)idx)[i2] : (i64)((const i32*)idx)[i2];
+        f16 = cache_f16;
+        out = cache + r * nbc1 + (i64)i1 * ne0 * (f16 ? 2 : 4);
+    } else {
+        out = d + i1 * nbd1 + i2 * nbd2 + i3 * nbd3;
+    }
+    const int half = n_dims / 2;
+    for (int t = threadIdx.x; t < ne0 / 2; t += blockDim.x) {
+        int ia, ib;
+        float ya, yb;
+        if (t < half) {
+            float c, sn;
+            rope_cos_sin(p, t, t, ff, theta_scale, freq_scale, ext_factor, attn_factor, corr0, corr1, &c, &sn);
+            if (mode == R_NORMAL) { ia = 2 * t; ib = ia + 1; }
+            else { ia = t; ib = t + half; }
+            ya = row[ia] * c - row[ib] * sn;
+            yb = row[ia] * sn + row[ib] * c;
+        } else {  // dims past n_dims are copied
+            ia = 2 * (t - half) + n_dims;
+            ib = ia + 1;
+            ya = row[ia];
+            yb = row[ib];
+        }
+        if (f16) {
+            ((u16*)out)[ia] = f32_to_f16(ya);
+            ((u16*)out)[ib] = f32_to_f16(yb);
+        } else {
+            ((float*)out)[ia] = ya;
+            ((float*)out)[ib] = yb;
+        }
     }
 }
 

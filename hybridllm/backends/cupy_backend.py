@@ -154,11 +154,12 @@ class CupyBuffer(Buffer):
 class CupyPlan:
     """A prepared graph: kernel launches with bound pointers; captured into a CUDA graph on reuse."""
 
-    __slots__ = ("backend", "launches", "checks", "_graph", "_runs", "_no_graph")
+    __slots__ = ("backend", "launches", "checks", "scratch", "_graph", "_runs", "_no_graph")
 
-    def __init__(self, backend: CupyBackend, launches: list[Launch], checks: bool) -> None:
+    def __init__(self, backend: CupyBackend, launches: list[Launch], checks: bool, scratch: list | None = None) -> None:
         self.backend = backend
         self.launches = launches
+        self.scratch = scratch or []  # device memory the launches use besides the graph's tensors
         self.checks = checks          # some kernel validates indices (read back after the run)
         self._graph: Callable[[], None] | None = None
         self._runs = 0
@@ -283,38 +284,19 @@ class CupyBackend(Backend):
 
     # --- compute -------------------------------------------------------------------------------
     def prepare(self, nodes: Sequence[Tensor]) -> CupyPlan:
-        from .cupy_ops import OPS, BuildCtx, fusable_rms_norm_mul, build_rms_norm_mul
+        from .cupy_ops import OPS, BuildCtx, fusion
 
         ctx = BuildCtx(self)
         run = [n for n in nodes_to_run(nodes) if n.nelements > 0]
-        users = _count_users(nodes)
-        launches: list[Launch] = []
-        i = 0
-        while i < len(run):
-            node = run[i]
-            nxt = run[i + 1] if i + 1 < len(run) else None
-            if nxt is not None and fusable_rms_norm_mul(node, nxt, users):
-                launches += build_rms_norm_mul(node, nxt, ctx)
-                i += 2
-                continue
+
+        def build_one(node: Tensor, ctx: BuildCtx) -> list[Launch]:
             builder = OPS.get(node.op)
             if builder is None:
                 raise Unsupported(f"op {node.op.name} (node {node.name!r}) is not implemented on {self.name}")
-            launches += builder(node, ctx)
-            i += 1
-        return CupyPlan(self, launches, ctx.checks)
+            return builder(node, ctx)
 
-
-def _count_users(nodes: Sequence[Tensor]) -> dict[int, int]:
-    """How many tensors read each tensor (as a source or as the base of a view), by id()."""
-    users: dict[int, int] = {}
-    for n in nodes:
-        for s in n.src:
-            if s is not None:
-                users[id(s)] = users.get(id(s), 0) + 1
-        if n.view_src is not None:
-            users[id(n.view_src)] = users.get(id(n.view_src), 0) + 1
-    return users
+        launches = fusion.plan(nodes, run, ctx, build_one)
+        return CupyPlan(self, launches, ctx.checks, ctx.keep)
 
 
 def is_output(t: Tensor) -> bool:

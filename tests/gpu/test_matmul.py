@@ -1,6 +1,10 @@
 """MUL_MAT / MUL_MAT_ID on the GPU backend against exact float64 math on the dequantized weights
 (gguf.quants, independent of our code) and against the numpy backend (which, like ggml's CPU, rounds
-activations to Q8 first, hence the looser tolerance there)."""
+activations to Q8 first, hence the looser tolerance there).
+
+Decode-sized products (<= 8 columns) of the integer-path weight types run on int8 activations
+(kernels/q8.cuh: scale max|x|/127 per 32 values, round half away from zero); their exact reference uses
+activations rounded the same way (`q8_round`, written here from that rule), so the comparison stays tight."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,6 +37,27 @@ def weights(qtype: int, rows: int, k: int, rng: np.random.Generator) -> tuple[np
     return raw, ref.astype(np.float64).reshape(rows, k)
 
 
+Q8_PATH = {GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K,
+           GGMLType.Q5_K, GGMLType.Q6_K}
+
+
+def q8_round(x: np.ndarray) -> np.ndarray:
+    """x (..., K) float32 -> float64 values as the int8 kernels see them: per 32 values d = max|x| / 127
+    (f32), q = round(x / d) half away from zero (the f32 quotient), value = q * d."""
+    xb = np.asarray(x, np.float32).reshape(-1, 32)
+    amax = np.abs(xb).max(axis=1, keepdims=True)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (xb / d).astype(np.float64)
+    q = np.where(amax == 0, 0.0, np.trunc(r + np.copysign(0.5, r)))
+    return (q * d.astype(np.float64)).reshape(np.shape(x))
+
+
+def activations(qtype: int, x: np.ndarray, n_cols: int) -> np.ndarray:
+    """The activations a product of `n_cols` columns multiplies, in float64."""
+    return q8_round(x) if qtype in Q8_PATH and n_cols <= 8 else x.astype(np.float64)
+
+
 def mul_mat_case(gpu, qtype: int, K: int, M: int, N: int, batch: tuple[int, int], rng) -> None:
     a2, b2 = batch
     raw, wf = weights(qtype, M * a2, K, rng)
@@ -45,7 +70,8 @@ def mul_mat_case(gpu, qtype: int, K: int, M: int, N: int, batch: tuple[int, int]
 
     [(got, ref)] = run_both(gpu, build)
     w3 = wf.reshape(a2, M, K)
-    exact = np.stack([x[i].astype(np.float64) @ w3[i // (b2 // a2)].T for i in range(b2)])[None]
+    xa = activations(qtype, x, N)
+    exact = np.stack([xa[i] @ w3[i // (b2 // a2)].T for i in range(b2)])[None]
     scale = np.abs(exact).max()
     assert_close(got, exact, rtol=1e-4, atol=1e-5 * scale, what=f"{TRAITS[qtype].name} vs exact")
     assert_close(got, ref, rtol=3e-2, atol=3e-2 * scale, what=f"{TRAITS[qtype].name} vs numpy backend")
@@ -81,10 +107,18 @@ def test_mul_mat_id(gpu, qtype, shared_input, rng):
 
     [(got, ref)] = run_both(gpu, build)
     w3 = wf.reshape(n_expert, M, K)
+    xa = activations(qtype, x, 1)
     exact = np.zeros((1, n_tok, n_used, M))
     for t in range(n_tok):
         for e in range(n_used):
-            exact[0, t, e] = w3[ids[t, e]] @ x[t, e % ne11].astype(np.float64)
+            exact[0, t, e] = w3[ids[t, e]] @ xa[t, e % ne11]
     scale = np.abs(exact).max()
     assert_close(got, exact, rtol=1e-4, atol=1e-5 * scale, what="mul_mat_id vs exact")
     assert_close(got, ref, rtol=3e-2, atol=3e-2 * scale, what="mul_mat_id vs numpy backend")
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q6_K, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0],
+                         ids=lambda t: TRAITS[t].name)
+def test_mul_mat_vec_rows_2_aligned(gpu, qtype, rng):
+    """K = 768: Q6_K rows of 630 bytes, so every other row (and super-block) starts 2 bytes past a word."""
+    mul_mat_case(gpu, qtype, K=768, M=9, N=1, batch=(1, 1), rng=rng)

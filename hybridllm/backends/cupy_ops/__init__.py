@@ -31,7 +31,7 @@ def register(*ops: GGMLOp) -> Callable[[Builder], Builder]:
 
 def load_all() -> None:
     """Import every op module so that each registers its builders."""
-    from . import attention, copy, elementwise, matmul, norm, rope, rows  # noqa: F401
+    from . import attention, copy, elementwise, matmul, norm, reduce, rope, rows  # noqa: F401
 
 
 from .common import BuildCtx  # noqa: E402

@@ -4,7 +4,8 @@ from __future__ import annotations
 from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, type_name
 from . import register
-from .common import F32, I32, I64, BuildCtx, launch, require, src
+from .common import F32, I32, I64, NULL, P, BuildCtx, launch, require, src
+from .mmvq import q8_out
 from .norm import alibi
 
 _KV_TYPES = {GGMLType.F32: 4, GGMLType.F16: 2, GGMLType.BF16: 2}
@@ -49,6 +50,8 @@ def build_flash_attn(node: Tensor, ctx: BuildCtx):
             I64(q.nb[1]), I64(q.nb[2]), I64(q.nb[3]), I64(k.nb[1]), I64(k.nb[2]), I64(k.nb[3]),
             I64(v.nb[1]), I64(v.nb[2]), I64(v.nb[3]), *margs, F32(scale), F32(max_bias), F32(m0), F32(m1),
             I32(h2), F32(softcap), I64(node.nb[1]), I64(node.nb[2]), I64(node.nb[3]))
+    q8 = q8_out(ctx, node) if Dv % 32 == 0 else None
+    args += (P(q8.q), P(q8.d)) if q8 is not None else (NULL, NULL)
     kname = "k_flash_attn_256" if max(D, Dv) <= 256 else "k_flash_attn_512"
     require(n_q <= 2**31 - 1 and H <= 65535 and S <= 65535, node, "grid too large")
     return [launch(ctx.fn("attention", kname), (n_q, H, S), (FA_WARPS * ctx.warp,), args)]

@@ -27,14 +27,37 @@ ELEM_SIZE = {GGMLType.F32: 4, GGMLType.F16: 2, GGMLType.BF16: 2, GGMLType.I32: 4
 MAX_GRID_YZ = 65535
 
 
+SCRATCH_CHUNK = 1 << 20
+SCRATCH_ALIGN = 256
+
+
 class BuildCtx:
-    """What builders need from the backend while preparing one graph."""
+    """What builders need from the backend while preparing one graph: kernels, pointers, plan-owned scratch
+    memory, and the int8 copies of matmul inputs (q8, see kernels/q8.cuh) made so far."""
 
     def __init__(self, backend: CupyBackend) -> None:
         self.backend = backend
         self.warp = backend.rt.warp
         self.err_ptr = P(backend.err_ptr)
         self.checks = False  # set when a launch validates indices
+        self.keep: list[Any] = []          # scratch allocations the plan must own
+        self._chunk: tuple[int, int, int] | None = None  # (base pointer, used, size)
+        self.q8: dict[tuple[int, int, int], Any] = {}   # storage key -> Q8Buf holding its quantized copy
+        self.q8_wanted: set[tuple[int, int, int]] = set()  # storage keys some matmul will read as q8
+
+    def scratch(self, nbytes: int) -> int:
+        """Device memory that lives as long as the plan (bump-allocated from 1 MiB chunks)."""
+        nbytes = max(SCRATCH_ALIGN, (nbytes + SCRATCH_ALIGN - 1) // SCRATCH_ALIGN * SCRATCH_ALIGN)
+        if self._chunk is None or self._chunk[1] + nbytes > self._chunk[2]:
+            size = max(SCRATCH_CHUNK, nbytes)
+            mem = self.backend.rt.alloc(size)
+            if mem is None:
+                raise Unsupported(f"cannot allocate {size} bytes of scratch memory on {self.backend.name}")
+            self.keep.append(mem)
+            self._chunk = (self.backend.rt.pointer(mem), 0, size)
+        base, used, size = self._chunk
+        self._chunk = (base, used + nbytes, size)
+        return base + used
 
     def fn(self, module: str, name: str) -> Any:
         return self.backend.rt.function(module, name)
@@ -54,6 +77,11 @@ class BuildCtx:
     def error_code(self, node: Tensor, what: str) -> np.int32:
         self.checks = True
         return I32(self.backend.error_code(node, what))
+
+
+def storage_key(t: Tensor) -> tuple[int, int, int]:
+    """Identity of the bytes a tensor covers (views of the same storage share it)."""
+    return (id(t.buffer), int(t.offset), int(t.nbytes))
 
 
 def require(cond: bool, node: Tensor, what: str) -> None:

@@ -6,6 +6,7 @@ from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, TRAITS, type_name
 from . import register
 from .common import I32, I64, BuildCtx, dense_rows, launch, require, src
+from .mmvq import MatOut, build_mmvq, build_mmvq_id, mmvq_id_ok, mmvq_ok
 
 # ggml type -> kernel suffix and the byte alignment its decoder's loads need (quant/*.cuh ALIGN)
 WEIGHT_TYPES: dict[int, int] = {
@@ -44,6 +45,8 @@ def build_mul_mat(node: Tensor, ctx: BuildCtx):
     require(b.ne[0] == K and node.ne == (M, N, b2, b3), node, "shapes do not match A^T B")
     require(b2 % a2 == 0 and b3 % a3 == 0, node, "src0 does not broadcast over src1 dims 2/3")
     require(node.type == GGMLType.F32 and node.nb[0] == 4, node, "dst must be f32 with dense rows")
+    if mmvq_ok(node, ctx):
+        return build_mmvq(ctx, node, [MatOut(a, node, node.nb[1])], b)
     name = TRAITS[a.type].name
     args = (ctx.ptr(a), ctx.ptr(b), ctx.ptr(node), I32(K), I32(M), I32(N), I64(a.nb[1]), I64(a.nb[2]),
             I64(a.nb[3]), I64(b.nb[1]), I64(b.nb[2]), I64(b.nb[3]), I64(node.nb[1]), I64(node.nb[2]),
@@ -70,6 +73,8 @@ def build_mul_mat_id(node: Tensor, ctx: BuildCtx):
     require(ids.ne[1] == n_tokens and node.ne[:3] == (M, n_used, n_tokens), node, "ids/dst shapes differ")
     require(node.type == GGMLType.F32 and node.nb[0] == 4, node, "dst must be f32 with dense rows")
     require(n_used * n_tokens <= 65535, node, "too many (slot, token) pairs for one launch")
+    if mmvq_id_ok(node, ctx):
+        return build_mmvq_id(ctx, node)
     name = TRAITS[a.type].name
     args = (ctx.ptr(a), ctx.ptr(b), ctx.ptr(ids), ctx.ptr(node), ctx.err_ptr,
             ctx.error_code(node, "expert id out of range"), I32(K), I32(M), I32(n_expert), I32(n_used),

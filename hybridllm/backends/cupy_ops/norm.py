@@ -6,13 +6,13 @@ import math
 from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, TensorFlag
 from . import register
-from .common import (F32, I32, I64, NULL, BuildCtx, elem_threads, launch, nb_args, require, row_grid,
+from .common import (F32, I32, I64, NULL, P, BuildCtx, elem_threads, launch, nb_args, require, row_grid,
                      src)
 
 _KIND = {GGMLOp.RMS_NORM: 0, GGMLOp.NORM: 1, GGMLOp.L2_NORM: 2}
 
 
-def _norm_launch(node: Tensor, out: Tensor, w: Tensor | None, ctx: BuildCtx):
+def _norm_launch(node: Tensor, out: Tensor, w: Tensor | None, ctx: BuildCtx, q8=None):
     x = src(node, 0)
     for t in (x, out):
         require(t.type == GGMLType.F32 and t.nb[0] == 4, node, f"{t.name!r} must be f32 with dense rows")
@@ -26,7 +26,8 @@ def _norm_launch(node: Tensor, out: Tensor, w: Tensor | None, ctx: BuildCtx):
         wargs = (I32(1),) * 4 + (I64(0),) * 4
     args = (I32(_KIND[node.op]), F32(node.param_f32(0)), ctx.ptr(x), ctx.ptr(out),
             ctx.ptr(w) if w is not None else NULL, I32(n0), I32(n1), I32(n2), I32(n3),
-            *nb_args(x)[1:], *nb_args(out)[1:], *wargs)
+            *nb_args(x)[1:], *nb_args(out)[1:], *wargs,
+            P(q8.q) if q8 is not None else NULL, P(q8.d) if q8 is not None else NULL)
     return [launch(ctx.fn("norm", "k_norm"), (gx, gy), (threads,), args)]
 
 
@@ -48,8 +49,62 @@ def fusable_rms_norm_mul(node: Tensor, nxt: Tensor, users: dict[int, int]) -> bo
 
 
 def build_rms_norm_mul(node: Tensor, mul: Tensor, ctx: BuildCtx):
-    """One pass: mul = rms_norm(x) * w, never writing the RMS_NORM result."""
-    return _norm_launch(node, mul, mul.src_at(1), ctx)
+    """One pass: mul = rms_norm(x) * w, never writing the RMS_NORM result; with the q8 copy of the result
+    when a matmul will read it as q8."""
+    from .mmvq import q8_out
+
+    q8 = q8_out(ctx, mul) if mul.ne[0] % 32 == 0 else None
+    return _norm_launch(node, mul, mul.src_at(1), ctx, q8)
+
+
+def norm_rope_ok(norm: Tensor, mul: Tensor, rope: Tensor) -> bool:
+    """RMS_NORM -> MUL(w over dim 0 only) -> ROPE(NORMAL/NEOX, f32, plain positions) for one fused kernel."""
+    from ...ggml.types import RopeMode
+
+    w, x = mul.src_at(1), norm.src_at(0)
+    if rope.op != GGMLOp.ROPE or rope.src_at(0) is not mul or rope.type != GGMLType.F32 or w is None:
+        return False
+    if x is None or x.type != GGMLType.F32 or x.nb[0] != 4 or rope.nb[0] != 4 or rope.ne != mul.ne:
+        return False
+    if w.ne[1:] != (1, 1, 1) or mul.ne[0] % w.ne[0] or mul.ne[0] > 1024 or mul.ne[0] % 2:
+        return False
+    pos = rope.src_at(1)
+    mode, n_dims, n_offs = rope.param_i32(2), rope.param_i32(1), rope.param_i32(15)
+    return (mode in (RopeMode.NORMAL, RopeMode.NEOX) and n_offs == 0 and n_dims % 2 == 0
+            and 0 < n_dims <= mul.ne[0] and pos is not None and pos.type == GGMLType.I32
+            and pos.ne[0] >= mul.ne[2] and mul.ne[3] == 1)
+
+
+def build_norm_rope(norm: Tensor, mul: Tensor, rope: Tensor, ctx: BuildCtx, store: Tensor | None = None):
+    """RMS_NORM -> MUL -> ROPE as one launch; with `store` (a SET_ROWS of the rope output viewed as rows of
+    ne0*ne1), the result goes straight to the cache rows instead of the rope tensor."""
+    import numpy as np
+
+    from .rope import yarn_corr_dims
+
+    x, w, pos, ff = norm.src[0], mul.src[1], rope.src[1], rope.src_at(2)
+    assert x is not None and w is not None and pos is not None
+    ne0, ne1, ne2, ne3 = x.ne
+    n_dims, mode, n_ctx_orig = rope.param_i32(1), rope.param_i32(2), rope.param_i32(4)
+    freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow = (rope.param_f32(i) for i in range(5, 11))
+    if ff is not None:
+        require(ff.type == GGMLType.F32 and ff.ne[0] >= n_dims // 2, rope, "frequency factors must be f32")
+    theta_scale = float(np.float32(freq_base) ** np.float32(-2.0 / n_dims))
+    corr0, corr1 = yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow)
+    if store is not None:
+        idx, cache = store.src[1], store
+        assert idx is not None
+        sargs = (ctx.ptr(idx), I32(idx.type == GGMLType.I64), ctx.ptr(cache), I32(cache.type == GGMLType.F16),
+                 I64(cache.nb[1]))
+    else:
+        sargs = (NULL, I32(0), NULL, I32(0), I64(0))
+    threads = elem_threads(ne0 // 2, ctx.warp, cap=256)
+    gx, gy = row_grid(ne1 * ne2 * ne3)
+    args = (ctx.ptr(x), ctx.ptr(rope), ctx.ptr(w), ctx.ptr(pos), ctx.ptr(ff), F32(norm.param_f32(0)), I32(ne0),
+            I32(ne1), I32(ne2), I32(ne3), *nb_args(x)[1:], *nb_args(rope)[1:], I32(w.ne[0]), I64(w.nb[0]),
+            I32(mode), I32(n_dims), F32(theta_scale), F32(freq_scale), F32(ext_factor), F32(attn_factor),
+            F32(corr0), F32(corr1), *sargs)
+    return [launch(ctx.fn("norm", "k_norm_rope"), (gx, gy), (threads,), args)]
 
 
 @register(GGMLOp.SOFT_MAX)

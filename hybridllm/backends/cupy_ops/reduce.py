@@ -1,0 +1,41 @@
+"""SUM_ROWS, MEAN, ARGSORT and TOP_K on the GPU (kernels/reduce.cu): what a MoE router needs besides
+SOFT_MAX, GET_ROWS and the elementwise ops."""
+from __future__ import annotations
+
+from ...ggml.tensor import Tensor
+from ...ggml.types import GGMLOp, GGMLType
+from . import register
+from .common import I32, BuildCtx, elem_threads, launch, nb_args, require, row_grid, src
+
+SORT_MAX = 4096  # kernels/reduce.cu
+
+
+@register(GGMLOp.SUM_ROWS, GGMLOp.MEAN)
+def build_sum_rows(node: Tensor, ctx: BuildCtx):
+    x = src(node, 0)
+    require(x.type == GGMLType.F32 and node.type == GGMLType.F32, node, "only f32 is supported")
+    require(node.ne == (1,) + x.ne[1:], node, f"result {node.ne} is not (1, {x.ne[1:]})")
+    n0, n1, n2, n3 = x.ne
+    gx, gy = row_grid(n1 * n2 * n3)
+    args = (ctx.ptr(x), ctx.ptr(node), I32(node.op == GGMLOp.MEAN), I32(n0), I32(n1), I32(n2), I32(n3),
+            *nb_args(x), *nb_args(node)[1:])
+    return [launch(ctx.fn("reduce", "k_sum_rows"), (gx, gy), (elem_threads(n0, ctx.warp),), args)]
+
+
+@register(GGMLOp.ARGSORT, GGMLOp.TOP_K)
+def build_argsort(node: Tensor, ctx: BuildCtx):
+    x = src(node, 0)
+    require(x.type == GGMLType.F32 and node.type == GGMLType.I32, node, "f32 -> i32 only")
+    n0, n1, n2, n3 = x.ne
+    require(n0 <= SORT_MAX, node, f"rows longer than {SORT_MAX} are not sorted on GPU")
+    if node.op == GGMLOp.ARGSORT:
+        require(node.ne == x.ne, node, "shapes differ")
+        desc, k = node.param_i32(0) == 1, n0
+    else:
+        k = node.ne[0]
+        require(node.ne[1:] == x.ne[1:] and 0 < k <= n0, node, f"bad top-k shape {node.ne} for {x.ne}")
+        desc = True
+    gx, gy = row_grid(n1 * n2 * n3)
+    args = (ctx.ptr(x), ctx.ptr(node), I32(desc), I32(k), I32(n0), I32(n1), I32(n2), I32(n3), *nb_args(x),
+            *nb_args(node))
+    return [launch(ctx.fn("reduce", "k_argsort"), (gx, gy), (elem_threads(n0, ctx.warp),), args)]

@@ -1,0 +1,56 @@
+// Row reductions and sorting: SUM_ROWS / MEAN (block sum per row) and ARGSORT / TOP_K (rank sort: each
+// element's position is the number of elements ordered before it, ties by index, so the result is the
+// stable order; NaN sorts last). One block per row: grid (min(rows, 65535), ceil(rows / 65535)).
+#include "common.cuh"
+
+#define SORT_MAX 4096  // longest row the rank sort takes (it is O(n^2): MoE routers, not vocabularies)
+
+HL_DEV bool block_row(int ne1, int ne2, int ne3, int* i1, int* i2, int* i3) {
+    const i64 r = blockIdx.x + (i64)blockIdx.y * gridDim.x;
+    if (r >= (i64)ne1 * ne2 * ne3) return false;
+    *i1 = (int)(r % ne1);
+    *i2 = (int)((r / ne1) % ne2);
+    *i3 = (int)(r / ((i64)ne1 * ne2));
+    return true;
+}
+
+// dst[0, i1, i2, i3] = sum_i x[i, i1, i2, i3], divided by ne0 when mean.
+extern "C" __global__ void __launch_bounds__(1024) k_sum_rows(const u8* x, u8* d, int mean, int ne0, int ne1,
+                                                              int ne2, int ne3, i64 nbx0, i64 nbx1, i64 nbx2,
+                                                              i64 nbx3, i64 nbd1, i64 nbd2, i64 nbd3) {
+    __shared__ float scratch[HL_MAX_WARPS];
+    int i1, i2, i3;
+    if (!block_row(ne1, ne2, ne3, &i1, &i2, &i3)) return;
+    const u8* xr = x + i1 * nbx1 + i2 * nbx2 + i3 * nbx3;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < ne0; i += blockDim.x) s += *(const float*)(xr + i * nbx0);
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) *(float*)(d + i1 * nbd1 + i2 * nbd2 + i3 * nbd3) = mean ? s / (float)ne0 : s;
+}
+
+// Whether value a (index ia) comes before value b (index ib) in the sort.
+HL_DEV bool sorts_before(float a, int ia, float b, int ib, int desc) {
+    const bool na = a != a, nb = b != b;
+    if (na || nb) return na == nb ? ia < ib : nb;
+    if (a == b) return ia < ib;
+    return desc ? a > b : a < b;
+}
+
+// dst[r, row] = index of the element of rank r (r < k): ARGSORT (k = ne0) or TOP_K (descending).
+extern "C" __global__ void __launch_bounds__(1024) k_argsort(const u8* x, u8* d, int desc, int k, int ne0, int ne1,
+                                                             int ne2, int ne3, i64 nbx0, i64 nbx1, i64 nbx2,
+                                                             i64 nbx3, i64 nbd0, i64 nbd1, i64 nbd2, i64 nbd3) {
+    __shared__ float sv[SORT_MAX];
+    int i1, i2, i3;
+    if (!block_row(ne1, ne2, ne3, &i1, &i2, &i3)) return;
+    const u8* xr = x + i1 * nbx1 + i2 * nbx2 + i3 * nbx3;
+    for (int i = threadIdx.x; i < ne0; i += blockDim.x) sv[i] = *(const float*)(xr + i * nbx0);
+    __syncthreads();
+    u8* dr = d + i1 * nbd1 + i2 * nbd2 + i3 * nbd3;
+    for (int i = threadIdx.x; i < ne0; i += blockDim.x) {
+        const float v = sv[i];
+        int rank = 0;
+        for (int j = 0; j < ne0; j++) rank += sorts_before(sv[j], j, v, i, desc);
+        if (rank < k) *(i32*)(dr + rank * nbd0) = i;
+    }
+}
