@@ -8,6 +8,7 @@ backend today and on CuPy or RPC devices later.
 from __future__ import annotations
 
 import bisect
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,14 @@ class AllocError(RuntimeError):
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+def free_quietly(buf: Buffer) -> None:
+    """Free a buffer unless already freed. A remote buffer whose connection dropped is gone already:
+    the worker freed it with the connection, so a failure to say so is no error."""
+    if not buf.freed:
+        with contextlib.suppress(RuntimeError, OSError):
+            buf.backend.free_buffer(buf)
 
 
 class _FreeList:
@@ -148,7 +157,7 @@ def upload_progress(total: int, desc: str, enabled: bool) -> Any:
     """A tqdm bar in bytes (with rate) on stderr, or a silent stand-in."""
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=True,
                 dynamic_ncols=True)
 
@@ -211,7 +220,7 @@ class WeightStore:
                     self.tensors[name] = t
                 else:
                     self.replicas.setdefault(id(self.tensors[name]), {})[id(dev)] = t
-                dev_, entries, size = self.layout.get(id(dev), (dev, [], 0))
+                _, entries, size = self.layout.get(id(dev), (dev, [], 0))
                 align = max(dev.alignment, MIN_ALIGNMENT)
                 entries.append((t, name, size))
                 self.layout[id(dev)] = (dev, entries, _align(size + dev.alloc_size(t), align))
@@ -246,11 +255,8 @@ class WeightStore:
     def reload(self, backend: Backend, progress: bool = False) -> None:
         """Upload `backend`'s share again into a new buffer (its old one was lost with a worker)."""
         old = self.buffers.pop(id(backend), None)
-        if old is not None and not old.freed:
-            try:
-                backend.free_buffer(old)
-            except Exception:   # the buffer belonged to a dead connection: nothing to free
-                pass
+        if old is not None:
+            free_quietly(old)
         with GGUFFile(self.path) as f:
             self._upload(id(backend), f, progress)
 
@@ -285,10 +291,6 @@ class WeightStore:
         return self.tensors
 
     def free(self) -> None:
-        for key, buf in list(self.buffers.items()):
-            if not buf.freed:
-                try:
-                    buf.backend.free_buffer(buf)
-                except Exception:  # a lost RPC buffer: the worker already freed it
-                    pass
+        for buf in self.buffers.values():
+            free_quietly(buf)
         self.buffers.clear()

@@ -22,7 +22,7 @@ from ..backends.base import Backend, Buffer
 from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import GGMLType, row_size
-from .alloc import MIN_ALIGNMENT, AllocError
+from .alloc import MIN_ALIGNMENT, AllocError, free_quietly
 
 KV_PAD = 256  # llama.cpp pads n_ctx, n_kv and the SWA cache size to 256 cells
 
@@ -102,11 +102,8 @@ class KVCache:
         if id(backend) not in self.layout:
             return
         old = self.buffers.pop(id(backend), None)
-        if old is not None and not old.freed:
-            try:
-                backend.free_buffer(old)
-            except Exception:  # it belonged to a dropped connection
-                pass
+        if old is not None:
+            free_quietly(old)
         self._alloc(id(backend))
 
     @property
@@ -209,8 +206,7 @@ class KVCache:
 
     def free(self) -> None:
         for buf in self.buffers.values():
-            if not buf.freed:
-                buf.backend.free_buffer(buf)
+            free_quietly(buf)
         self.buffers.clear()
 
 

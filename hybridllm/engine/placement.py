@@ -63,8 +63,9 @@ def tensor_role(name: str) -> tuple[str, int]:
 
 
 def model_costs(f: GGUFFile, hp: object, *, n_ctx: int, n_ubatch: int, type_k: GGMLType = GGMLType.F16,
-                type_v: GGMLType = GGMLType.F16, flash_attn: bool = True) -> ModelCosts:
-    """Per-layer weights (from the file's tensor directory) and KV cache, and compute estimates."""
+                type_v: GGMLType = GGMLType.F16, flash_attn: bool = True, kv_slots: int = 1) -> ModelCosts:
+    """Per-layer weights (from the file's tensor directory) and KV cache (times `kv_slots` caches of
+    n_ctx cells each, e.g. a server's slots), and compute estimates."""
     n_layer: int = hp.n_layer  # type: ignore[attr-defined]
     weights = [0] * n_layer
     io = shared = 0
@@ -80,7 +81,8 @@ def model_costs(f: GGUFFile, hp: object, *, n_ctx: int, n_ubatch: int, type_k: G
     n_swa = getattr(hp, "n_swa", 0)
     swa_size = pad(min(size, n_swa + n_ubatch)) if n_swa else size
     per_cell = row_size(type_k, hp.n_embd_k_gqa) + row_size(type_v, hp.n_embd_v_gqa)  # type: ignore[attr-defined]
-    kv = [(swa_size if hp.is_swa(il) else size) * per_cell for il in range(n_layer)]  # type: ignore[attr-defined]
+    kv = [kv_slots * (swa_size if hp.is_swa(il) else size) * per_cell  # type: ignore[attr-defined]
+          for il in range(n_layer)]
     layers, master = compute_estimate(hp, n_ubatch, size, flash_attn)
     return ModelCosts(str(f.get("general.name", f.path)), tuple(weights), tuple(kv), io, shared, layers, master)
 
@@ -186,7 +188,7 @@ def parse_tensor_split(text: str) -> list[float]:
         vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise PlacementError(f"--tensor-split {text!r}: expected comma-separated numbers") from None
-    if not vals or any(v < 0 or v != v or v == float("inf") for v in vals) or sum(vals) <= 0:
+    if not vals or any(not 0 <= v < float("inf") for v in vals) or sum(vals) <= 0:
         raise PlacementError(f"--tensor-split {text!r}: proportions must be non-negative with a positive sum")
     return vals
 

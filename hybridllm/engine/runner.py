@@ -28,7 +28,7 @@ from ..models.blocks import GraphContext, Model
 from ..rpc.transport import RpcError
 from .gguf_file import GGUFFile
 from .kv_cache import ContextOverflow
-from .placement import Placement, PlacementError, model_costs, place
+from .placement import PlacementError, model_costs, place
 from .scheduler import Schedule, buffer_lost
 
 __all__ = ["ContextOverflow", "DeviceLost", "EngineError", "ModelRunner", "PlacementError", "RunnerConfig",
@@ -192,8 +192,24 @@ class ModelRunner:
         self._graphs.clear()
 
     # --- health ----------------------------------------------------------------------------------
-    def health(self) -> tuple[str, str]:
-        """("ok", "") or ("degraded", why): a device failed and recover() has not succeeded since."""
+    def health(self, *, probe: bool = False) -> tuple[str, str]:
+        """("ok", "") or ("degraded", why): a device failed (or its connection dropped, losing what it
+        held) and recover() has not succeeded since. `probe` also sends each worker one small request,
+        to notice a worker that died while idle; call it from the thread that runs decode()."""
+        if self.lost is None:
+            for b in self.model.placement.devices:
+                if getattr(b, "endpoint", None) is None:
+                    continue
+                try:
+                    if probe:
+                        b.memory()
+                    lost = buffer_lost(self.model.weights.buffers[id(b)]) if id(b) in self.model.weights.buffers \
+                        else False
+                    if lost or _kv_lost(self.kv, b):
+                        raise RpcError(b.endpoint, "the connection dropped; the layers it held are lost")  # type: ignore[attr-defined]
+                except RpcError as exc:
+                    self._device_failed(exc)
+                    break
         return ("ok", "") if self.lost is None else ("degraded", self.lost)
 
     def recover(self, *, progress: bool = False) -> None:
@@ -235,8 +251,9 @@ class ModelRunner:
             t2 = time.perf_counter()
             prep.plan.run()  # type: ignore[attr-defined]
             t3 = time.perf_counter()
-            lg = prep.logits
-            raw = lg.buffer.backend.get(lg.buffer, lg.offset, lg.nbytes)  # type: ignore[union-attr]
+            lg, buf = prep.logits, prep.logits.buffer
+            assert buf is not None
+            raw = buf.backend.get(buf, lg.offset, lg.nbytes)
         except RpcError as exc:
             raise self._device_failed(exc) from None
         logits = np.frombuffer(raw, dtype=np.float32).reshape(n_out, self.n_vocab)
@@ -283,7 +300,7 @@ class ModelRunner:
             data = np.ascontiguousarray(values)
             if data.nbytes != t.nbytes:
                 raise AssertionError(f"input {t.name!r}: {data.nbytes} bytes for a {t.nbytes}-byte tensor")
-            sched.put(t, memoryview(data).cast("B"))  # each device that reads it; none if no node does
+            sched.put(t, memoryview(data).cast("B"))  # type: ignore[arg-type]  # each device reading it
 
         inp = ctx.inputs
         put(inp["tokens"], tokens.astype(np.int32))
@@ -312,13 +329,16 @@ def _kv_lost(kv: object, backend: Backend) -> bool:
 def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, n_ubatch: int = 512,
          type_k: GGMLType = GGMLType.F16, type_v: GGMLType = GGMLType.F16, flash_attn: bool = True,
          rpc: Sequence[str | Backend] = (), tensor_split: Sequence[float] | None = None,
-         progress: bool = False, log: Callable[[str], None] | None = None) -> ModelRunner:
+         rpc_timeout: float | None = 300.0, kv_slots: int = 1, progress: bool = False,
+         log: Callable[[str], None] | None = None) -> ModelRunner:
     """Open a GGUF model, upload its weights to the device(s) and return a ready ModelRunner.
 
     `rpc` adds devices that hold layers: "host:port" endpoints (every device of each worker) or Backend
     objects (tests use local ones). The layers are placed over the workers' devices and then `device`
     (the master, which also keeps the input and output layers) by free memory or `tensor_split`
-    (one proportion per device, in that order); `log` gets the placement table.
+    (one proportion per device, in that order); `log` gets the placement table. `rpc_timeout` bounds
+    each wait for a worker's reply (a hung worker fails the step after it); `kv_slots` counts the KV
+    caches the caller will create over these weights (server slots) in the placement's budget.
 
     Raises GGUFError/ModelError (one line) for files that cannot be used, PlacementError when the model
     does not fit (before anything is uploaded), RpcError when a worker cannot be reached.
@@ -326,14 +346,14 @@ def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, 
     master = make_backend(device) if isinstance(device, str) else device
     owned: list[Backend] = []
     try:
-        workers = _connect(rpc, owned)
+        workers = _connect(rpc, owned, rpc_timeout)
         with GGUFFile(path) as f:
             cls = model_class(f.arch, f.path)
             placement = None
             if workers or tensor_split is not None:
                 hp = cls.hparams_cls.from_gguf(f)
                 costs = model_costs(f, hp, n_ctx=n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v,
-                                    flash_attn=flash_attn)
+                                    flash_attn=flash_attn, kv_slots=kv_slots)
                 placement = place(costs, [*workers, master], master, tensor_split)
                 if log is not None:
                     log(placement.describe())
@@ -352,7 +372,7 @@ def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, 
         raise
 
 
-def _connect(rpc: Sequence[str | Backend], owned: list[Backend]) -> list[Backend]:
+def _connect(rpc: Sequence[str | Backend], owned: list[Backend], timeout: float | None) -> list[Backend]:
     """Backends for --rpc entries: every device of each worker endpoint, in order (llama.cpp adds them
     all), or Backend objects as given."""
     from ..rpc.client_backend import RpcBackend
@@ -361,11 +381,11 @@ def _connect(rpc: Sequence[str | Backend], owned: list[Backend]) -> list[Backend
         if isinstance(entry, Backend):
             out.append(entry)
             continue
-        first = RpcBackend(entry)
+        first = RpcBackend(entry, timeout=timeout)
         owned.append(first)
         out.append(first)
         for dev in range(1, first.link.device_count):
-            be = RpcBackend(entry, dev)
+            be = RpcBackend(entry, dev, timeout=timeout)
             owned.append(be)
             out.append(be)
     return out

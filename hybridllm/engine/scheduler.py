@@ -28,7 +28,7 @@ from ..backends.base import Backend, Buffer, Plan
 from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import GGMLOp, TensorFlag
-from .alloc import ComputeBuffer
+from .alloc import ComputeBuffer, free_quietly
 
 _LAYER_SUFFIX = re.compile(r"-(\d+)$")
 
@@ -243,11 +243,7 @@ class Schedule:
 
     def free(self) -> None:
         for b in self.buffers:
-            if not b.buffer.freed:
-                try:
-                    b.free()
-                except Exception:   # the buffer belonged to a worker whose connection dropped
-                    pass
+            free_quietly(b.buffer)
         self.buffers.clear()
 
     def describe(self) -> str:

@@ -4,6 +4,7 @@ wire; a worker that dies fails the step at once with a clear error, and recover(
 (from the worker's --cache, without re-sending the weights)."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,13 @@ import pytest
 from hybridllm.engine.runner import DeviceLost, ModelRunner, load
 from hybridllm.rpc import protocol as P
 from hybridllm.rpc.client_backend import RpcBackend, RpcError
-from hybridllm.testing.procs import HOST, ServerProc, free_port, start_peer_server, start_worker
+from hybridllm.testing.procs import (
+    HOST,
+    ServerProc,
+    free_port,
+    start_peer_server,
+    start_worker,
+)
 from hybridllm.testing.synth import model_path
 
 PROMPT = [1, 5, 9, 33, 100, 7, 200, 301, 44]
@@ -135,9 +142,10 @@ def test_gemma_all_layers_on_a_worker(gemma_path: Path, server: ServerProc) -> N
 
 
 def _spawn_worker(port: int, cache: Path, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "hybridllm.cli", "worker", "--host", HOST, "--port", str(port),
-                             "--threads", "1", "--cache", str(cache)],
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "hybridllm.cli", "worker", "--host", HOST, "--port",
+                                 str(port), "--threads", "1", "--cache", str(cache)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -186,6 +194,46 @@ def test_worker_dies_and_comes_back(root: Path, tmp_path: Path, monkeypatch: pyt
         assert moved.bytes_sent < 0.1 * on_worker
         assert r.n_past == 0
         np.testing.assert_array_equal(rows(r), want)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_hung_worker_fails_the_step_after_the_timeout(root: Path, tmp_path: Path) -> None:
+    path = model_path(root, "llama", "q8_0", n_layer=4)
+    want = rows(load(path, n_ctx=256))
+    port = free_port()
+    proc = _spawn_worker(port, tmp_path / "cache", tmp_path / "worker.log")
+    try:
+        r = load(path, rpc=[f"{HOST}:{port}"], tensor_split=[1, 1], n_ctx=256, rpc_timeout=2.0)
+        r.decode(PROMPT)
+        proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(DeviceLost, match="timed out"):
+            r.decode([FED[0]])
+        assert time.monotonic() - t0 < 10
+        proc.send_signal(signal.SIGCONT)
+        r.recover()
+        np.testing.assert_array_equal(rows(r), want)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_health_probe_notices_a_worker_that_died_while_idle(root: Path, tmp_path: Path) -> None:
+    port = free_port()
+    proc = _spawn_worker(port, tmp_path / "cache", tmp_path / "worker.log")
+    try:
+        r = load(model_path(root, "llama", "q8_0", n_layer=4), rpc=[f"{HOST}:{port}"], tensor_split=[1, 1],
+                 n_ctx=256)
+        r.decode(PROMPT)
+        assert r.health(probe=True) == ("ok", "")
+        proc.kill()
+        proc.wait(10)
+        assert r.health() == ("ok", "")       # nothing was sent since: not known yet
+        state, why = r.health(probe=True)
+        assert state == "degraded" and f"RPC0[{HOST}:{port}] (holding layers 0-1) failed" in why
+        r.close()
     finally:
         proc.kill()
         proc.wait(10)

@@ -17,7 +17,6 @@ from hybridllm.engine.placement import (
 )
 from hybridllm.engine.runner import load
 from hybridllm.engine.scheduler import Schedule
-from hybridllm.models import model_class
 from hybridllm.models.blocks import GraphContext
 from hybridllm.testing.synth import model_path
 
