@@ -133,26 +133,36 @@ def q32_scale_at(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
         return None
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        aty, a = sig.args[1], args[1]
-        o = _i64(context, builder, args[2], sig.args[2])
-        if f == GGMLType.MXFP4:
-            e = builder.zext(load_scalar(context, builder, aty, a, o, _I8), _I32)
-            denormal = builder.shl(ir.Constant(_I32, 0x00200000), e)
-            normal = builder.shl(builder.sub(e, ir.Constant(_I32, 1)), ir.Constant(_I32, 23))
-            small = builder.icmp_unsigned("<", e, ir.Constant(_I32, 2))
-            return builder.bitcast(builder.select(small, denormal, normal), _F32)
-        return fp16_bits_to_f32(builder, load_scalar(context, builder, aty, a, o, _I16))
+        return _scale(builder, context, sig.args[1], args[1], _i64(context, builder, args[2], sig.args[2]), f)
     return types.float32(fmt, buf, off), codegen
+
+
+def _scale(builder: ir.IRBuilder, context: Any, aty: Any, a: ir.Value, o: ir.Value, f: int) -> ir.Value:
+    if f == GGMLType.MXFP4:
+        e = builder.zext(load_scalar(context, builder, aty, a, o, _I8), _I32)
+        denormal = builder.shl(ir.Constant(_I32, 0x00200000), e)
+        normal = builder.shl(builder.sub(e, ir.Constant(_I32, 1)), ir.Constant(_I32, 23))
+        small = builder.icmp_unsigned("<", e, ir.Constant(_I32, 2))
+        return builder.bitcast(builder.select(small, denormal, normal), _F32)
+    return fp16_bits_to_f32(builder, load_scalar(context, builder, aty, a, o, _I16))
 
 
 # --- byte-product path (x86 vpmaddubsw) for the 4/5-bit legacy types ------------------------------------
 
-BYTE_FORMATS = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
+BYTE_FORMATS = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.IQ4_NL,
+                GGMLType.MXFP4)
 OFFSET = {GGMLType.Q4_0: 8, GGMLType.Q5_0: 16}  # stored unsigned value = q + offset
+SIGNED = (GGMLType.Q8_0, GGMLType.IQ4_NL, GGMLType.MXFP4)  # |q| times y with q's sign moved onto y
 
 
 def _block_u8(context: Any, builder: ir.IRBuilder, aty: Any, a: ir.Value, o: ir.Value, f: int) -> ir.Value:
-    """The 32 unsigned values (q + offset) of the block at `o`, as <32 x i8>."""
+    """The 32 values of the block at `o` as <32 x i8>: q + offset (unsigned) or, for SIGNED, q itself."""
+    if f == GGMLType.Q8_0:
+        return load_bytes(context, builder, aty, a, _add(builder, o, 2), 32)
+    if f in (GGMLType.IQ4_NL, GGMLType.MXFP4):
+        skip, table = (2, KVALUES_IQ4NL) if f == GGMLType.IQ4_NL else (1, KVALUES_FP4)
+        return lookup16(builder, nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, skip), 16)),
+                        table)
     qs_at = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q5_0: 6, GGMLType.Q5_1: 8}[f]
     u = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, qs_at), 16))
     if f in (GGMLType.Q5_0, GGMLType.Q5_1):
@@ -189,11 +199,17 @@ def q32_dot8x2(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any, bq8: Any
         o2 = builder.add(o, _i64(context, builder, args[3], sig.args[3]))
         u = shuffle(builder, _block_u8(context, builder, aty, a, o, f), _block_u8(context, builder, aty, a, o2, f),
                     list(range(64)))
+        zero = ir.Constant(u.type, None)
+        negative = builder.icmp_signed("<", u, zero) if f in SIGNED else None
+        if negative is not None:  # |q| <= 128 unsigned; activations are in [-127, 127], so -y fits
+            u = builder.select(negative, builder.sub(zero, u), u)
         ones = splat(builder, ir.Constant(_I16, 1), 32)
         out = []
         for i in range(n):
             ye = _i64(context, builder, builder.extract_value(args[5], i), sig.args[5].dtype)
             y = builder.load(byte_ptr(context, builder, sig.args[4], args[4], ye, vty(_I8, 64)), align=1)
+            if negative is not None:
+                y = builder.select(negative, builder.sub(zero, y), y)
             s = madd_i16(builder, maddubs(builder, u, y), ones)
             if f in OFFSET:
                 yi = _i64(context, builder, builder.extract_value(args[7], i), sig.args[7].dtype)
@@ -207,7 +223,7 @@ def q32_dot8x2(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any, bq8: Any
 
 @intrinsic
 def q32_scale2(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any) -> Any:
-    """F16 scales d of the blocks at `off` and `off + bsz` as F32x16: 8 lanes of each."""
+    """Scales d of the blocks at `off` and `off + bsz` as F32x16: 8 lanes of each."""
     f = _literal(fmt, Q32_FORMATS)
     if f is None or not isinstance(off, types.Integer) or not isinstance(bsz, types.Integer):
         return None
@@ -216,7 +232,6 @@ def q32_scale2(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any) -> Any:
         aty, a = sig.args[1], args[1]
         o = _i64(context, builder, args[2], sig.args[2])
         o2 = builder.add(o, _i64(context, builder, args[3], sig.args[3]))
-        d0 = fp16_bits_to_f32(builder, load_scalar(context, builder, aty, a, o, _I16))
-        d1 = fp16_bits_to_f32(builder, load_scalar(context, builder, aty, a, o2, _I16))
+        d0, d1 = (_scale(builder, context, aty, a, at, f) for at in (o, o2))
         return shuffle(builder, splat(builder, d0, 8), splat(builder, d1, 8), list(range(16)))
     return F32x16(fmt, abuf, off, bsz), codegen

@@ -60,7 +60,8 @@ def _q32_bytes(f: int) -> int:
 @njit(cache=True, inline="always")
 def _bytes32(f: int) -> bool:
     """32-element formats whose kernels use vpmaddubsw on int8 activations (when the host has it)."""
-    return HAS_MADDUBS and (f == Q4_0 or f == Q4_1 or f == Q5_0 or f == Q5_1)
+    return HAS_MADDUBS and (f == Q4_0 or f == Q4_1 or f == Q5_0 or f == Q5_1 or f == Q8_0 or f == IQ4_NL
+                            or f == MXFP4)
 
 
 @njit(cache=True, _nrt=False)
