@@ -44,7 +44,8 @@ HL_DEV void vq_row(const u8* __restrict__ row, int K, const i8* __restrict__ xq,
             if (c < nc) acc[c] += V::dot(w, xq + (i64)c * K, xd + (i64)c * (K >> 5));
     }
 #pragma unroll
-    for (int c = 0; c < NC; c++) acc[c] = warp_sum(acc[c]);
+    for (int c = 0; c < NC; c++)
+        if (c < nc) acc[c] = warp_sum(acc[c]);  // nc is warp-uniform
 }
 
 // Two rows (gate, up) against one column.
