@@ -2,18 +2,19 @@
 
 numba keys a cached function on its own source file only: when decode.py changes, an entry compiled
 from api.py would still load its stale machine code. So the cache directory of this package carries a
-stamp of all its sources, and cached files are dropped when the stamp differs.
+stamp of all its sources (and of HYBRIDLLM_NO_MADDUBS), and cached files are dropped when it differs.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 _STAMP = "hybridllm_cpu_kernels.stamp"
 
 
 def _sources_digest(pkg_dir: Path) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(os.environ.get("HYBRIDLLM_NO_MADDUBS", "").encode())  # it changes the kernels too
     for src in sorted(pkg_dir.glob("*.py")):
         h.update(src.name.encode())
         h.update(src.read_bytes())

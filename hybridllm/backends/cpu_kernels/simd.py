@@ -10,6 +10,7 @@ No bounds checks: callers guarantee the offsets are in range.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import llvmlite.binding as llvm_binding
@@ -347,7 +348,8 @@ def add_f32(typingctx: Any, a: Any, b: Any) -> Any:
 
 
 HAS_AVX512BW = bool(HOST_FEATURES.get("avx512bw", False))
-HAS_MADDUBS = HAS_AVX2  # the byte-product kernels need vpmaddubsw
+# the byte-product kernels need vpmaddubsw; HYBRIDLLM_NO_MADDUBS=1 forces the portable int16 kernels
+HAS_MADDUBS = HAS_AVX2 and not os.environ.get("HYBRIDLLM_NO_MADDUBS")
 
 
 def maddubs(builder: ir.IRBuilder, u: ir.Value, s: ir.Value) -> ir.Value:
