@@ -1,11 +1,12 @@
 """The portable int16 kernels (used where vpmaddubsw is missing) give the same results as the reference:
-run in a subprocess with HYBRIDLLM_NO_MADDUBS=1 and a private numba cache."""
+run in a subprocess with HYBRIDLLM_NO_MADDUBS=1 and a numba cache of its own (in pytest's cache dir)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 _SCRIPT = r"""
 import numpy as np, sys
@@ -32,8 +33,9 @@ print("ok")
 """
 
 
-def test_int16_kernels_without_maddubs(tmp_path: Path) -> None:
-    env = dict(os.environ, HYBRIDLLM_NO_MADDUBS="1", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+def test_int16_kernels_without_maddubs(request: Any) -> None:
+    cache = request.config.cache.mkdir("hybridllm-numba-int16")  # kept between runs: compiled once
+    env = dict(os.environ, HYBRIDLLM_NO_MADDUBS="1", NUMBA_CACHE_DIR=str(cache))
     here = Path(__file__).resolve().parent
     res = subprocess.run([sys.executable, "-c", _SCRIPT, str(here)], env=env, capture_output=True, text=True,
                          timeout=300, cwd=here.parents[1])
