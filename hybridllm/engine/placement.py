@@ -195,9 +195,12 @@ def parse_tensor_split(text: str) -> list[float]:
 
 def place(costs: ModelCosts, devices: Sequence[Backend], master: Backend,
           tensor_split: Sequence[float] | None = None,
-          memory: Sequence[tuple[int, int]] | None = None) -> Placement:
+          memory: Sequence[tuple[int, int]] | None = None, *, master_layers: bool = True) -> Placement:
     """Assign layers to `devices` (the master among them); PlacementError if some device cannot hold its
-    share. `memory` overrides the (free, total) each device reports (tests, dry runs)."""
+    share. `memory` overrides the (free, total) each device reports (tests, dry runs). Without
+    `master_layers` (a CPU master: host RAM would outweigh every GPU), the split by free memory leaves the
+    master out and gives it only the layers the other devices cannot hold, as llama.cpp keeps the layers
+    beyond -ngl on the CPU; an explicit tensor_split still decides alone."""
     if not any(d is master for d in devices):
         raise PlacementError("the master device must be one of the devices")
     mem = list(memory) if memory is not None else [d.memory() for d in devices]
@@ -215,12 +218,12 @@ def place(costs: ModelCosts, devices: Sequence[Backend], master: Backend,
     else:
         how = "by free memory"
         avail = [max(s.free - _fixed(costs, s.is_master, True), 0) for s in shares]
-        if sum(avail) <= 0:
-            assign = [len(devices)] * costs.n_layer   # nothing fits anywhere: reported below
-        else:
-            assign = _proportional(costs_l, [float(a) for a in avail])
-            if not _fits(costs, shares, assign):
-                assign = _greedy(costs, shares, costs_l)
+        if not master_layers and len(shares) > 1:
+            avail = [0 if s.is_master else a for s, a in zip(shares, avail)]
+            how += " (workers first)"
+        assign = _proportional(costs_l, [float(a) for a in avail]) if sum(avail) > 0 else []
+        if not assign or not _fits(costs, shares, assign):
+            assign = _greedy(costs, shares, costs_l)
     placement = _build(costs, shares, assign, master, how)
     _check_fit(costs, placement, tensor_split is not None)
     return placement

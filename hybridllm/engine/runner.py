@@ -354,7 +354,8 @@ def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, 
                 hp = cls.hparams_cls.from_gguf(f)
                 costs = model_costs(f, hp, n_ctx=n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v,
                                     flash_attn=flash_attn, kv_slots=kv_slots)
-                placement = place(costs, [*workers, master], master, tensor_split)
+                placement = place(costs, [*workers, master], master, tensor_split,
+                                  master_layers=not _is_host(master))
                 if log is not None:
                     log(placement.describe())
             model = cls(f, master, placement, progress=progress)
@@ -370,6 +371,11 @@ def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, 
     except BaseException:
         model.free()
         raise
+
+
+def _is_host(backend: Backend) -> bool:
+    from ..backends.numpy_backend import NumpyBackend
+    return isinstance(backend, NumpyBackend)
 
 
 def _connect(rpc: Sequence[str | Backend], owned: list[Backend], timeout: float | None) -> list[Backend]:

@@ -116,7 +116,10 @@ class Schedule:
                     return home
         m = _LAYER_SUFFIX.search(n.name)
         if m and self.layer_backend is not None:
-            return self.layer_backend(int(m.group(1)))
+            try:
+                return self.layer_backend(int(m.group(1)))
+            except IndexError:   # a name that only looks like a layer's
+                return None
         return None
 
     def _assign(self, nodes: Sequence[Tensor]) -> None:

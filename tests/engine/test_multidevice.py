@@ -137,3 +137,28 @@ def test_gemma_over_two_devices(gemma_path: Path) -> None:
     assert got_toks == want_toks
     np.testing.assert_array_equal(got, want)
     assert "layers 0-8" in notes[0] and "layers 9-17 + input/output" in notes[0]
+
+
+def test_runners_sharing_split_weights(root: Path) -> None:
+    """A server's slots: several runners over one split model, each with its own KV cache on every
+    device, decoding interleaved."""
+    path = model_path(root, "gemma3", "q8_0", n_layer=4)
+    one = load(path, device=NumpyBackend(), n_ctx=256)
+    want = rows(one)
+    one.close()
+    w, m = Dev("w"), Dev("m")
+    first = load(path, device=m, rpc=[w], tensor_split=[1, 1], n_ctx=256, kv_slots=2)
+    second = ModelRunner(first.model, first.config, first.metadata)
+    got: list[list[np.ndarray]] = [[], []]
+    for i, (r, toks) in enumerate([(first, PROMPT), (second, PROMPT)]):
+        got[i].append(r.decode(toks)[0])
+    for t in FED:
+        for i, r in enumerate((first, second)):
+            got[i].append(r.decode([t])[0])
+    assert {id(b) for c in second.kv.caches for b in c.buffers.values()}.isdisjoint(
+        {id(b) for c in first.kv.caches for b in c.buffers.values()})
+    second.drop_graphs()
+    second.kv.free()
+    first.close()
+    for g in got:
+        np.testing.assert_array_equal(np.stack(g), want)

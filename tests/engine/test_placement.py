@@ -169,3 +169,19 @@ def test_costs_match_what_loading_allocates(tmp_path: Path, arch: str, flash_att
     finally:
         sched.free()
         r.close()
+
+
+def test_cpu_master_takes_only_what_workers_cannot_hold() -> None:
+    """By free memory, a host-RAM master would outweigh the workers: it is left out of the proportions
+    (workers split by their free memory) and takes the overflow, like llama.cpp's layers beyond -ngl."""
+    w1, w2, m = Dev("w1"), Dev("w2"), Dev("m")
+    c = costs(n_layer=8, layer=10 * MiB, kv=0, io=0, compute=0, master=0)
+    p = place(c, [w1, w2, m], m, memory=[(300 * MiB, GiB), (100 * MiB, GiB), (64 * GiB, 64 * GiB)],
+              master_layers=False)
+    assert where(p, [w1, w2, m]) == [0] * 6 + [1] * 2
+    assert p.how == "by free memory (workers first)"
+    p = place(c, [w1, w2, m], m, memory=[(30 * MiB, GiB), (20 * MiB, GiB), (64 * GiB, 64 * GiB)],
+              master_layers=False)
+    assert where(p, [w1, w2, m]) == [0, 0, 0, 1, 1, 2, 2, 2]
+    p = place(c, [w1, w2, m], m, [0, 1, 1], memory=plenty(3), master_layers=False)   # explicit split decides
+    assert where(p, [w1, w2, m]) == [1] * 4 + [2] * 4
