@@ -113,6 +113,7 @@ class CupyKernels:
         self.warp = warp
         self._modules: dict[str, Any] = {}
         self._functions: dict[tuple[str, str], Any] = {}
+        self.names: dict[int, str] = {}  # id(function) -> kernel name, for profiles
 
     def options(self) -> tuple[str, ...]:
         return ("-std=c++17", f"-DHL_WARP={self.warp}")
@@ -134,6 +135,7 @@ class CupyKernels:
                 fn = self._functions[key] = mod.get_function(name)
             except Exception as exc:  # CuPy raises its driver error type
                 raise KernelError(f"kernel {name!r} not found in module {module!r}: {exc}") from exc
+            self.names[id(fn)] = name
         return fn
 
     def _load(self, module: str) -> Any:
