@@ -12,19 +12,19 @@ import argparse
 import ctypes
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "matmul"))
 
-from matmul_blocks import random_rows  # noqa: E402
+from matmul_blocks import random_rows
 
-from hybridllm.backends.cpu_kernels import get_matmul, set_num_threads  # noqa: E402
-from hybridllm.backends.numpy_ops.matmul import mul_mat_ref  # noqa: E402
-from hybridllm.ggml.types import GGMLType as T  # noqa: E402
+from hybridllm.backends.cpu_kernels import get_matmul, set_num_threads
+from hybridllm.backends.numpy_ops.matmul import mul_mat_ref
+from hybridllm.ggml.types import GGMLType as T
 
 # (name, weight type, K, M, uses per decoded token): the gemma-3-270m Q4_K_M matrices (18 layers;
 # ffn_down is Q6_K in 9 layers and Q4_K in the others)

@@ -5,7 +5,8 @@ import numpy as np
 
 from hybridllm.backends.numpy_backend import NumpyBuffer
 from hybridllm.ggml.tensor import Tensor
-from hybridllm.ggml.types import GGMLType as T, TRAITS, row_size
+from hybridllm.ggml.types import TRAITS, row_size
+from hybridllm.ggml.types import GGMLType as T
 
 # byte offsets of the F16 scale fields in each block (the rest of a block is any bit pattern)
 F16_FIELDS: dict[int, tuple[int, ...]] = {

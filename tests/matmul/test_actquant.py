@@ -7,8 +7,13 @@ import ctypes
 import numpy as np
 import pytest
 
-from hybridllm.backends.cpu_kernels.actquant import convert_float, quantize_q8_0, quantize_q8_k
-from hybridllm.ggml.types import GGMLType as T, row_size
+from hybridllm.backends.cpu_kernels.actquant import (
+    convert_float,
+    quantize_q8_0,
+    quantize_q8_k,
+)
+from hybridllm.ggml.types import GGMLType as T
+from hybridllm.ggml.types import row_size
 from hybridllm.quants import quantize
 from hybridllm.testing.ggml_ref import ggml_libs
 

@@ -7,12 +7,12 @@ import ctypes
 
 import numpy as np
 import pytest
+from matmul_blocks import ALL_TYPES, FLOAT_TYPES, random_rows
 
 from hybridllm.backends.numpy_ops.matmul import mul_mat_id_ref, mul_mat_ref
 from hybridllm.ggml.types import GGMLType as T
 from hybridllm.quants import dequantize
 from hybridllm.testing.ggml_ref import GT, GGMLGraph
-from matmul_blocks import ALL_TYPES, FLOAT_TYPES, random_rows
 
 TOL = 1e-6  # relative to the largest output; float32 summation order differs, integer sums do not
 

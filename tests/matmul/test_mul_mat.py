@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from hybridllm.backends.numpy_ops import matmul
-from hybridllm.backends.numpy_ops.matmul import (build_mul_mat, build_mul_mat_id, fwht_ref, mul_mat_id_ref,
-                                                 mul_mat_ref)
-from hybridllm.backends.base import Unsupported
-from hybridllm.ggml.tensor import Tensor, pack_params
-from hybridllm.ggml.types import GGMLOp, GGMLType as T, TRAITS
-from hybridllm.quants import dequantize, quantize
 from matmul_blocks import ALL_TYPES, FLOAT_TYPES, new_buffer, place, random_rows
+
+from hybridllm.backends.base import Unsupported
+from hybridllm.backends.numpy_ops import matmul
+from hybridllm.backends.numpy_ops.matmul import (
+    build_mul_mat,
+    build_mul_mat_id,
+    fwht_ref,
+    mul_mat_id_ref,
+    mul_mat_ref,
+)
+from hybridllm.ggml.tensor import Tensor, pack_params
+from hybridllm.ggml.types import TRAITS, GGMLOp
+from hybridllm.ggml.types import GGMLType as T
+from hybridllm.quants import dequantize, quantize
 
 try:
     from hybridllm.backends.base import ComputeError
@@ -90,7 +96,7 @@ def test_broadcast_strided_weights_and_permuted_activations(atype: int) -> None:
 @pytest.mark.parametrize("atype", [T.Q5_0, T.Q6_K, T.BF16], ids=lambda t: T(t).name)
 def test_reference_fallback_matches_fast_path(atype: int, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(11)
-    node, rows, acts = mul_mat_node(rng, atype, 512, M=33, N=9, b23=(2, 1))
+    node, _, _ = mul_mat_node(rng, atype, 512, M=33, N=9, b23=(2, 1))
     build_mul_mat(node)()
     fast = _result(node)
     monkeypatch.setattr(matmul, "get_matmul", lambda a, b: None)
@@ -170,7 +176,7 @@ def test_mul_mat_id_rejects_out_of_range_ids(fast: bool, monkeypatch: pytest.Mon
     if not fast:
         monkeypatch.setattr(matmul, "get_matmul", lambda a, b: None)
     rng = np.random.default_rng(30)
-    node, _, _, ids = mul_mat_id_node(rng, T.Q8_0, 64, M=8, n_expert=4, n_used=2, n_b=1, n_tok=3)
+    node, _, _, _ = mul_mat_id_node(rng, T.Q8_0, 64, M=8, n_expert=4, n_used=2, n_b=1, n_tok=3)
     run = build_mul_mat_id(node)
     run()
     ids_view = matmul.view(node.src[2])

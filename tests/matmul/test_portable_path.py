@@ -38,5 +38,5 @@ def test_int16_kernels_without_maddubs(request: Any) -> None:
     env = dict(os.environ, HYBRIDLLM_NO_MADDUBS="1", NUMBA_CACHE_DIR=str(cache))
     here = Path(__file__).resolve().parent
     res = subprocess.run([sys.executable, "-c", _SCRIPT, str(here)], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=here.parents[1])
+                         timeout=300, cwd=here.parents[1], check=False)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr

@@ -9,6 +9,7 @@ from .cache import invalidate_stale_cache
 
 invalidate_stale_cache()
 
-from .api import FAST_TYPES, get_matmul, get_num_threads, set_num_threads  # noqa: E402
+from .api import FAST_TYPES, get_matmul
+from .threads import get_num_threads, set_num_threads
 
 __all__ = ["FAST_TYPES", "get_matmul", "get_num_threads", "set_num_threads"]

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="call-arg,var-annotated"
+# (numba intrinsics are called without their typing-context parameter)
 """MUL_MAT activations (src1 rows) converted to the weight's vec_dot type, bit-exact with ggml's x86 CPU
 backend, into an unpacked form the kernels read directly: q as flat int16 [C*K], scales as float32 [C, blocks].
 
@@ -58,8 +60,7 @@ def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bq
             amax = np.float32(0.0)
             for k in range(32):
                 a = abs(load_f(_F32, bbuf, o + 4 * k))
-                if a > amax:
-                    amax = a
+                amax = max(amax, a)
             d = amax / c127
             inv = c127 / amax if amax != 0 else np.float32(0.0)
             total = 0

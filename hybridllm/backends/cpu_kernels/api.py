@@ -15,7 +15,7 @@ those entries on several threads.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from numba import njit
@@ -23,101 +23,104 @@ from numba import njit
 from ...ggml.types import GGMLType
 from .actquant import convert_float, quantize_q8_0, quantize_q8_k
 from .kernels import f_drain, k_drain, q32_drain
-from .threads import get_num_threads, run_items, set_num_threads
+from .threads import get_num_threads, run_items
 
 # Arguments of every entry: post, counter, nitems, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo,
 # <activation arrays>, out. The literal first argument of a drain selects the decoder at compile time.
 
 
 @njit(cache=True, nogil=True)
-def _q4_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+def _q4_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
     q32_drain(2, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q4_1(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+def _q4_1(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
     q32_drain(3, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+def _q5_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
     q32_drain(6, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_1(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+def _q5_1(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
     q32_drain(7, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q8_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+def _q8_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
     q32_drain(8, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _iq4_nl(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+def _iq4_nl(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
     q32_drain(20, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _mxfp4(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):  # type: ignore[no-untyped-def]
+def _mxfp4(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
     q32_drain(39, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q2_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+def _q2_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
     k_drain(10, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q3_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+def _q3_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
     k_drain(11, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q4_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+def _q4_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
     k_drain(12, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+def _q5_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
     k_drain(13, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q6_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+def _q6_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
     k_drain(14, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _iq4_xs(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):  # type: ignore[no-untyped-def]
+def _iq4_xs(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
     k_drain(23, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _f32(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
+def _f32(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):
     f_drain(0, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
 
 
 @njit(cache=True, nogil=True)
-def _f16(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
+def _f16(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):
     f_drain(1, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
 
 
 @njit(cache=True, nogil=True)
-def _bf16(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):  # type: ignore[no-untyped-def]
+def _bf16(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):
     f_drain(30, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
 
 
 T = GGMLType
-_Q8_0_FAMILY = {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q8_0: _q8_0,
-                T.IQ4_NL: _iq4_nl, T.MXFP4: _mxfp4}
-_Q8_K_FAMILY = {T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
-                T.IQ4_XS: _iq4_xs}
-_FLOAT_FAMILY = {T.F32: _f32, T.F16: _f16, T.BF16: _bf16}
+_Q8_0_FAMILY: dict[int, Callable[..., None]] = {
+    T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q8_0: _q8_0, T.IQ4_NL: _iq4_nl,
+    T.MXFP4: _mxfp4}
+_Q8_K_FAMILY: dict[int, Callable[..., None]] = {
+    T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.IQ4_XS: _iq4_xs}
+_FLOAT_FAMILY: dict[int, Callable[..., None]] = {T.F32: _f32, T.F16: _f16, T.BF16: _bf16}
 # activation types each float weight type accepts (ggml: its vec_dot type, or F16/BF16 widened for F32)
-_FLOAT_B = {T.F32: (T.F32, T.F16, T.BF16), T.F16: (T.F32, T.F16), T.BF16: (T.F32, T.BF16)}
+_FLOAT_B: dict[int, tuple[int, ...]] = {T.F32: (T.F32, T.F16, T.BF16), T.F16: (T.F32, T.F16),
+                                         T.BF16: (T.F32, T.BF16)}
 FAST_TYPES = frozenset(_Q8_0_FAMILY) | frozenset(_Q8_K_FAMILY) | frozenset(_FLOAT_FAMILY)
+
 
 class _Scratch(threading.local):
     """Per-thread work arrays for converted activations, reused by every node (they grow, never shrink).
@@ -183,7 +186,9 @@ def get_matmul(atype: int, btype: int) -> Binder | None:
 
 
 def _binder(atype: int, btype: int, family: str) -> Binder:
-    entry = {"k": _Q8_K_FAMILY, "q32": _Q8_0_FAMILY, "f": _FLOAT_FAMILY}[family][atype]
+    families: dict[str, dict[int, Callable[..., None]]] = {"k": _Q8_K_FAMILY, "q32": _Q8_0_FAMILY,
+                                                            "f": _FLOAT_FAMILY}
+    entry = families[family][atype]
 
     def bind(abuf: np.ndarray, nb01: int, M: int, K: int, goff: np.ndarray, gcols: np.ndarray,
              colb: np.ndarray, colo: np.ndarray, bbuf: np.ndarray, boff: np.ndarray,

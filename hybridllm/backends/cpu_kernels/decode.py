@@ -9,15 +9,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from llvmlite import ir
+from llvmlite import ir  # type: ignore[import-untyped]
 from numba import types
 from numba.extending import intrinsic
 
 from ...ggml.types import GGMLType
-from .simd import (HAS_MADDUBS, F32x16, I16x32, I32x16, _F32, _HALF, _I8, _I16, _I32, _I64, _llvm_type,
-                   bits_to_bytes, byte_ptr, fp16_bits_to_f32, load_bytes, load_scalar, lookup16, madd_i16,
-                   maddubs, nibbles, shuffle, splat, vty)
+from .simd import (
+    _F32,
+    _HALF,
+    _I8,
+    _I16,
+    _I32,
+    _I64,
+    HAS_MADDUBS,
+    F32x16,
+    I16x32,
+    I32x16,
+    _llvm_type,
+    bits_to_bytes,
+    byte_ptr,
+    fp16_bits_to_f32,
+    load_bytes,
+    load_scalar,
+    lookup16,
+    madd_i16,
+    maddubs,
+    nibbles,
+    shuffle,
+    splat,
+    vty,
+)
 
+_QS_AT: dict[int, int] = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q5_0: 6, GGMLType.Q5_1: 8}
 KVALUES_IQ4NL = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
 KVALUES_FP4 = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]
 
@@ -62,13 +85,13 @@ def dec_q32(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
             skip, table = (2, KVALUES_IQ4NL) if f == GGMLType.IQ4_NL else (1, KVALUES_FP4)
             idx = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, skip), 16))
             return builder.sext(lookup16(builder, idx, table), w)
-        qs_at = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q5_0: 6, GGMLType.Q5_1: 8}[f]
+        qs_at = _QS_AT[f]
         q = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, qs_at), 16))
         if f in (GGMLType.Q5_0, GGMLType.Q5_1):
             qh = load_scalar(context, builder, aty, a, _add(builder, o, qs_at - 4), _I32)
             q = builder.or_(q, bits_to_bytes(builder, qh, 16))
         q = builder.zext(q, w)
-        bias = {GGMLType.Q4_0: 8, GGMLType.Q5_0: 16}.get(f, 0)
+        bias = OFFSET.get(f, 0)
         return builder.sub(q, splat(builder, ir.Constant(_I16, bias), 32)) if bias else q
     return I16x32(fmt, buf, off), codegen
 
@@ -151,7 +174,7 @@ def _scale(builder: ir.IRBuilder, context: Any, aty: Any, a: ir.Value, o: ir.Val
 
 BYTE_FORMATS = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.IQ4_NL,
                 GGMLType.MXFP4)
-OFFSET = {GGMLType.Q4_0: 8, GGMLType.Q5_0: 16}  # stored unsigned value = q + offset
+OFFSET: dict[int, int] = {GGMLType.Q4_0: 8, GGMLType.Q5_0: 16}  # stored unsigned value = q + offset
 SIGNED = (GGMLType.Q8_0, GGMLType.IQ4_NL, GGMLType.MXFP4)  # |q| times y with q's sign moved onto y
 
 
@@ -163,7 +186,7 @@ def _block_u8(context: Any, builder: ir.IRBuilder, aty: Any, a: ir.Value, o: ir.
         skip, table = (2, KVALUES_IQ4NL) if f == GGMLType.IQ4_NL else (1, KVALUES_FP4)
         return lookup16(builder, nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, skip), 16)),
                         table)
-    qs_at = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q5_0: 6, GGMLType.Q5_1: 8}[f]
+    qs_at = _QS_AT[f]
     u = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, qs_at), 16))
     if f in (GGMLType.Q5_0, GGMLType.Q5_1):
         qh = load_scalar(context, builder, aty, a, _add(builder, o, qs_at - 4), _I32)

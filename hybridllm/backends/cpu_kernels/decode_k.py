@@ -11,14 +11,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from llvmlite import ir
+from llvmlite import ir  # type: ignore[import-untyped]
 from numba import types
 from numba.extending import intrinsic
 
 from ...ggml.types import GGMLType
-from .decode import KVALUES_IQ4NL, K_FORMATS
-from .simd import (I32x16, _F32, _I16, _I32, _I64, byte_ptr, fp16_bits_to_f32, load_bytes, load_scalar, lookup16,
-                   HAS_MADDUBS, madd_i16, maddubs, nibbles, shuffle, splat, vty)
+from .decode import K_FORMATS, KVALUES_IQ4NL
+from .simd import (
+    _F32,
+    _I16,
+    _I32,
+    _I64,
+    HAS_MADDUBS,
+    I32x16,
+    byte_ptr,
+    fp16_bits_to_f32,
+    load_bytes,
+    load_scalar,
+    lookup16,
+    madd_i16,
+    maddubs,
+    nibbles,
+    shuffle,
+    splat,
+    vty,
+)
 
 HAS_MINS = (GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.Q5_K)
 
@@ -137,7 +154,7 @@ def _typer(fmt: Any, abuf: Any, off: Any, vec: Any, cols: Any) -> tuple[int, int
     n = _cols(cols)
     ok = (isinstance(fmt, types.IntegerLiteral) and fmt.literal_value in K_FORMATS and n is not None
           and isinstance(off, types.Integer) and isinstance(vec, types.Array) and vec.dtype == types.int16)
-    return (int(fmt.literal_value), n) if ok else None
+    return (int(fmt.literal_value), n) if ok and n is not None else None
 
 
 @intrinsic
@@ -196,8 +213,9 @@ def ksb_min(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsum: Any, cols: Any)
 
 
 
-_D_AT = {GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108, None), GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2),
-         GGMLType.Q6_K: (208, None), GGMLType.IQ4_XS: (0, None)}
+_D_AT: dict[int, tuple[int, int | None]] = {  # byte offsets of d and dmin
+    GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108, None), GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2),
+    GGMLType.Q6_K: (208, None), GGMLType.IQ4_XS: (0, None)}
 
 
 @intrinsic
@@ -221,7 +239,7 @@ def ksb_d(typingctx: Any, fmt: Any, abuf: Any, off: Any) -> Any:
 # --- byte-product path (x86 vpmaddubsw): unsigned weight bytes times int8 activations ---------------
 
 BYTE_FORMATS = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
-_OFFSET = {GGMLType.Q3_K: 4, GGMLType.Q6_K: 32}  # stored unsigned value = q + offset
+_OFFSET: dict[int, int] = {GGMLType.Q3_K: 4, GGMLType.Q6_K: 32}  # stored unsigned value = q + offset
 
 
 def _concat(bb: ir.IRBuilder, lo: ir.Value, hi: ir.Value) -> ir.Value:

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="call-arg,var-annotated"
+# (numba intrinsics are called without their typing-context parameter)
 """Matmul kernels: dst columns = weight rows (kept quantized) dotted with prepared activation rows.
 
 One generic kernel per family, specialized per weight type through a literal `fmt`:
@@ -15,14 +17,31 @@ columns go in tiles of 4 so each weight block is decoded once per 4 columns.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit
 
 from ...ggml.types import GGMLType
 from .decode import dec_q32, load_f, load_f16x, q32_dot8x2, q32_scale2, q32_scale_at
 from .decode_k import ksb_d, ksb_dot, ksb_dot8, ksb_min
-from .simd import (HAS_MADDUBS, add_f32, atomic_add, atomic_next, f16_at, fma_f32, fma_i32, fma_i32_v, hsum_f32, literal_value,
-                   load_f32x16, load_i16x32, madd, mul_f32, zero_f32x16)
+from .simd import (
+    HAS_MADDUBS,
+    add_f32,
+    atomic_add,
+    atomic_next,
+    f16_at,
+    fma_f32,
+    fma_i32,
+    fma_i32_v,
+    hsum_f32,
+    literal_value,
+    load_f32x16,
+    load_i16x32,
+    madd,
+    mul_f32,
+    zero_f32x16,
+)
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4 = 10, 11, 12, 13, 14, 20, 23, 39
@@ -32,6 +51,11 @@ assert (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_
     GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K,
     GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS, GGMLType.MXFP4,
     GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+
+
+# numba's runtime refcounts every array passed between jitted functions (atomic operations, here per
+# row); the kernels allocate nothing, so they are compiled without it.
+_NO_NRT: dict[str, Any] = {"_nrt": False}
 
 
 @njit(cache=True, inline="always")
@@ -64,7 +88,7 @@ def _bytes32(f: int) -> bool:
                             or f == MXFP4)
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, **_NO_NRT)
 def _q32_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray,
                bs: np.ndarray, ycorr: np.ndarray, dyv: np.ndarray, b0: int, b1: int, b2: int, b3: int
                ) -> tuple[float, float, float, float]:
@@ -106,7 +130,7 @@ def _q32_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bq8:
     return hsum_f32(a0) + m0, hsum_f32(a1) + m1, hsum_f32(a2) + m2, hsum_f32(a3) + m3
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, **_NO_NRT)
 def _q32_col1(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray,
               bs: np.ndarray, ycorr: np.ndarray, dyv: np.ndarray, b0: int) -> float:
     """One weight row with one activation row (two accumulators on the int16 path, so consecutive blocks
@@ -144,7 +168,7 @@ def _q32_col1(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bq8: 
     return hsum_f32(add_f32(acc0, acc1)) + m0
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, **_NO_NRT)
 def _q32_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: int, M: int, K: int,
               goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray, bq: np.ndarray,
               bq8: np.ndarray, bd: np.ndarray, bs: np.ndarray, ycorr: np.ndarray, dyv: np.ndarray,
@@ -160,8 +184,8 @@ def _q32_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: in
             out[colo[c] + r], out[colo[c + 1] + r] = t0, t1
             out[colo[c + 2] + r], out[colo[c + 3] + r] = t2, t3
             c += 4
-        for c in range(c, c1):
-            out[colo[c] + r] = _q32_col1(fmt, abuf, ro, K, bq, bq8, bd, bs, ycorr, dyv, colb[c])
+        for cc in range(c, c1):
+            out[colo[cc] + r] = _q32_col1(fmt, abuf, ro, K, bq, bq8, bd, bs, ycorr, dyv, colb[cc])
 
 
 @njit(cache=True, inline="always")
@@ -185,7 +209,7 @@ def _bytes_path(f: int) -> bool:
     return HAS_MADDUBS and (f == Q2_K or f == Q3_K or f == Q4_K or f == Q5_K or f == Q6_K)
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, **_NO_NRT)
 def _k_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray,
              bsum: np.ndarray, b0: int, b1: int, b2: int, b3: int) -> tuple[float, float, float, float]:
     """Weight row at byte `ro` dotted with activation rows b0..b3; each super-block decoded once."""
@@ -218,7 +242,7 @@ def _k_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bq8: n
             hsum_f32(f3) - hsum_f32(m3))
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, **_NO_NRT)
 def _k_col1(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray,
             bsum: np.ndarray, b0: int) -> float:
     f = literal_value(fmt)
@@ -239,7 +263,7 @@ def _k_col1(fmt: int, abuf: np.ndarray, ro: int, K: int, bq: np.ndarray, bq8: np
     return hsum_f32(acc) - hsum_f32(macc)
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, **_NO_NRT)
 def _k_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: int, M: int, K: int,
             goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray, bq: np.ndarray,
             bq8: np.ndarray, bd: np.ndarray, bsum: np.ndarray, out: np.ndarray) -> None:
@@ -254,11 +278,11 @@ def _k_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
             out[colo[c] + r], out[colo[c + 1] + r] = t0, t1
             out[colo[c + 2] + r], out[colo[c + 3] + r] = t2, t3
             c += 4
-        for c in range(c, c1):
-            out[colo[c] + r] = _k_col1(fmt, abuf, ro, K, bq, bq8, bd, bsum, colb[c])
+        for cc in range(c, c1):
+            out[colo[cc] + r] = _k_col1(fmt, abuf, ro, K, bq, bq8, bd, bsum, colb[cc])
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, **_NO_NRT)
 def _f_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bf: np.ndarray, b0: int, b1: int, b2: int,
              b3: int) -> tuple[float, float, float, float]:
     f = literal_value(fmt)
@@ -281,7 +305,7 @@ def _f_cols4(fmt: int, abuf: np.ndarray, ro: int, K: int, bf: np.ndarray, b0: in
     return t0, t1, t2, t3
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, **_NO_NRT)
 def _f_col1(fmt: int, abuf: np.ndarray, ro: int, K: int, bf: np.ndarray, b0: int) -> float:
     f = literal_value(fmt)
     esz = 4 if f == F32 else 2
@@ -295,7 +319,7 @@ def _f_col1(fmt: int, abuf: np.ndarray, ro: int, K: int, bf: np.ndarray, b0: int
     return t
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, **_NO_NRT)
 def _f_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: int, M: int, K: int,
             goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray, bf: np.ndarray,
             out: np.ndarray) -> None:
@@ -309,17 +333,18 @@ def _f_item(fmt: int, it: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
             out[colo[c] + r], out[colo[c + 1] + r] = t0, t1
             out[colo[c + 2] + r], out[colo[c + 3] + r] = t2, t3
             c += 4
-        for c in range(c, c1):
-            out[colo[c] + r] = _f_col1(fmt, abuf, ro, K, bf, colb[c])
+        for cc in range(c, c1):
+            out[colo[cc] + r] = _f_col1(fmt, abuf, ro, K, bf, colb[cc])
 
 
 # --- drains: a thread pulls work items from counter[0] until none is left; counter[1] counts the
 # finished ones (the caller waits for all of them). `post` (empty for helpers) gets its job number
 # bumped first: see threads.py --------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, _nrt=False)
-def q32_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
-              M: int, K: int, goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray,
+@njit(cache=True, nogil=True, **_NO_NRT)
+def q32_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch: int, rows: int,
+              abuf: np.ndarray, nb01: int, M: int, K: int, goff: np.ndarray, gcols: np.ndarray,
+              colb: np.ndarray, colo: np.ndarray,
               bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray, bs: np.ndarray, ycorr: np.ndarray,
               dyv: np.ndarray, out: np.ndarray) -> None:
     if post.shape[0]:  # the caller announces the job to polling helpers with the GIL already released
@@ -328,13 +353,15 @@ def q32_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch:
         it = atomic_next(counter)
         if it >= nitems:
             return
-        _q32_item(fmt, it, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bq, bq8, bd, bs, ycorr, dyv, out)
+        _q32_item(fmt, it, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo, bq, bq8, bd, bs, ycorr, dyv,
+                  out)
         atomic_add(counter, 1, 1)
 
 
-@njit(cache=True, nogil=True, _nrt=False)
-def k_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
-            M: int, K: int, goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray,
+@njit(cache=True, nogil=True, **_NO_NRT)
+def k_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch: int, rows: int,
+            abuf: np.ndarray, nb01: int, M: int, K: int, goff: np.ndarray, gcols: np.ndarray,
+            colb: np.ndarray, colo: np.ndarray,
             bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray, bsum: np.ndarray, out: np.ndarray) -> None:
     if post.shape[0]:  # the caller announces the job to polling helpers with the GIL already released
         atomic_add(post, 0, 1)
@@ -346,9 +373,10 @@ def k_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch: i
         atomic_add(counter, 1, 1)
 
 
-@njit(cache=True, nogil=True, _nrt=False)
-def f_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch: int, rows: int, abuf: np.ndarray, nb01: int,
-            M: int, K: int, goff: np.ndarray, gcols: np.ndarray, colb: np.ndarray, colo: np.ndarray,
+@njit(cache=True, nogil=True, **_NO_NRT)
+def f_drain(fmt: int, post: np.ndarray, counter: np.ndarray, nitems: int, nch: int, rows: int,
+            abuf: np.ndarray, nb01: int, M: int, K: int, goff: np.ndarray, gcols: np.ndarray,
+            colb: np.ndarray, colo: np.ndarray,
             bf: np.ndarray, out: np.ndarray) -> None:
     if post.shape[0]:  # the caller announces the job to polling helpers with the GIL already released
         atomic_add(post, 0, 1)

@@ -11,10 +11,11 @@ No bounds checks: callers guarantee the offsets are in range.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import llvmlite.binding as llvm_binding
-from llvmlite import ir
+import llvmlite.binding as llvm_binding  # type: ignore[import-untyped]
+from llvmlite import ir  # type: ignore[import-untyped]
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="call-arg,var-annotated"
+# (numba intrinsics are called without their typing-context parameter)
 """Helper threads for the matmul kernels, with a hand-off cheap enough for decode-sized products.
 
 A job is a jitted `*_drain` entry and its arguments. The caller stores it, then runs the entry itself,
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from numba import njit

@@ -10,14 +10,13 @@ transform of src1; so do we.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from ...ggml.tensor import Tensor
-from ...ggml.types import GGMLOp, GGMLType, TRAITS, type_name
+from ...ggml.types import TRAITS, GGMLOp, GGMLType, type_name
 from ...quants import DEQUANTIZE_TYPES, dequantize, quantize, vec_dot_type
-from ..base import Unsupported
 from . import Kernel, register
 from .common import read_f32, require, rows_view, storage, view
 
