@@ -198,15 +198,14 @@ class ModelRunner:
         to notice a worker that died while idle; call it from the thread that runs decode()."""
         if self.lost is None:
             for b in self.model.placement.devices:
-                if getattr(b, "endpoint", None) is None:
-                    continue
+                endpoint = getattr(b, "endpoint", None)
+                if endpoint is None:
+                    continue   # a local device does not go away
                 try:
                     if probe:
                         b.memory()
-                    lost = buffer_lost(self.model.weights.buffers[id(b)]) if id(b) in self.model.weights.buffers \
-                        else False
-                    if lost or _kv_lost(self.kv, b):
-                        raise RpcError(b.endpoint, "the connection dropped; the layers it held are lost")  # type: ignore[attr-defined]
+                    if self._lost_on(b):
+                        raise RpcError(endpoint, "the connection dropped; what the worker held is lost")
                 except RpcError as exc:
                     self._device_failed(exc)
                     break
@@ -217,13 +216,19 @@ class ModelRunner:
         them from its cache), give it fresh KV memory, and start the sequence over (its cache was partly
         on the lost device). Raises RpcError if a device is still unreachable; then try again later."""
         lost = self.model.recover(progress=progress)
-        lost += [b for b in self.model.placement.devices if b not in lost and _kv_lost(self.kv, b)]
+        lost += [b for b in self.model.placement.devices if b not in lost and self._lost_on(b)]
         self.drop_graphs()
         for cache in self.kv.caches:
             for b in lost:
                 cache.realloc(b)
         self.reset()
         self.lost = None
+
+    def _lost_on(self, b: Backend) -> bool:
+        """Whether weights or KV memory of this runner on `b` went with a dropped connection."""
+        bufs = [buf for key, buf in self.model.weights.buffers.items() if key == id(b)]
+        bufs += [buf for cache in self.kv.caches for key, buf in cache.buffers.items() if key == id(b)]
+        return any(buffer_lost(buf) for buf in bufs)
 
     def _device_failed(self, exc: Exception) -> DeviceLost:
         endpoint = getattr(exc, "endpoint", "")
@@ -319,11 +324,6 @@ class ModelRunner:
 
 def _span(items: list[int]) -> str:
     return f"{items[0]}-{items[-1]}" if len(items) > 1 else str(items[0])
-
-
-def _kv_lost(kv: object, backend: Backend) -> bool:
-    return any(buffer_lost(buf) for cache in kv.caches  # type: ignore[attr-defined]
-               for key, buf in cache.buffers.items() if key == id(backend))
 
 
 def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, n_ubatch: int = 512,
