@@ -1,4 +1,5 @@
-"""MUL_MAT on the real Gemma 3 270M Q4_K_M weights (every weight type the model uses) against real ggml."""
+"""MUL_MAT on the real Gemma 3 270M Q4_K_M weights (every weight type the model uses: Q8_0, Q5_0, Q4_K,
+Q6_K) against real ggml."""
 from __future__ import annotations
 
 import ctypes
@@ -11,7 +12,7 @@ from hybridllm.ggml.types import GGMLType as T
 from hybridllm.testing.ggml_ref import GT, GGMLGraph
 
 TENSORS = [("token_embd.weight", 4096), ("blk.0.attn_q.weight", None), ("blk.0.attn_v.weight", None),
-           ("blk.0.attn_output.weight", None), ("blk.0.ffn_down.weight", None), ("blk.1.ffn_down.weight", None),
+           ("blk.0.attn_output.weight", None), ("blk.0.ffn_down.weight", None), ("blk.2.ffn_down.weight", None),
            ("blk.0.ffn_up.weight", None)]
 
 
