@@ -115,6 +115,36 @@ def bench_one(atype: int, K: int, M: int, N: int, ref: bool, ggml: tuple | None 
     return t_fast, t_ref, t_ggml, A.nbytes
 
 
+def decode_step_sim(gap_us: float, steps: int = 30) -> float:
+    """ms per decode step of the gemma-3-270m matmuls run in model order (7 per layer, 18 layers, then the
+    output), each followed by `gap_us` of Python busy work standing in for the other ops of the step."""
+    rng = np.random.default_rng(0)
+    order = {name: (atype, K, M) for name, atype, K, M, _ in SHAPES}
+    layer = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate/up", "ffn_gate/up", "ffn_down"]
+    runs = {}
+    for name, (atype, K, M) in order.items():
+        A = random_rows(rng, atype, (M,), K)
+        B = rng.standard_normal((1, K)).astype(np.float32)
+        out = np.zeros(M, np.float32)
+        bind = get_matmul(atype, T.F32)
+        assert bind is not None
+        runs[name] = (bind(A.reshape(-1), A.shape[-1], M, K, np.zeros(1, np.int64), np.array([0, 1]),
+                           np.zeros(1, np.int64), np.zeros(1, np.int64), B.view(np.uint8).reshape(-1),
+                           np.zeros(1, np.int64), out), A, B, out)
+    seq = [runs[n][0] for _ in range(18) for n in layer] + [runs["output/token_embd"][0]]
+
+    def gap() -> None:
+        end = time.perf_counter() + gap_us * 1e-6
+        while time.perf_counter() < end:
+            pass
+
+    def step() -> None:
+        for run in seq:
+            run()
+            gap()
+    return best_of(step, 3.0) * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
@@ -122,8 +152,14 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true", help="skip the (slow) numpy reference")
     ap.add_argument("--no-ggml", action="store_true", help="skip the real-ggml comparison")
     ap.add_argument("--ggml-lib-dir", help="load libggml-base/-cpu.so.0 from here instead of the peer wheel")
+    ap.add_argument("--decode-sim", type=float, metavar="GAP_US",
+                    help="only time a simulated decode step (matmuls in model order, GAP_US of other work after each)")
     args = ap.parse_args()
     set_num_threads(args.threads)
+    if args.decode_sim is not None:
+        ms = decode_step_sim(args.decode_sim)
+        print(f"threads={args.threads} simulated decode step (gap {args.decode_sim:g} us): {ms:.2f} ms")
+        return
     libs = None if args.no_ggml else ggml_libs(args.ggml_lib_dir)
     print(f"threads={args.threads}")
     print(f"{'matrix':22s} {'type':5s} {'K':>5s} {'M':>7s} {'N':>3s} | {'numba ms':>9s} {'GFLOP/s':>8s} "

@@ -7,9 +7,9 @@ which (GIL already released) bumps the job number that idle helpers poll; a help
 free GIL at once, calls the same entry and releases the GIL again. Entries pull work items from the shared
 atomic counter[0], so a helper that comes late only takes fewer items; the caller returns when all items
 are finished (counter[1] == nitems). Idle helpers poll (GIL released, x86 `pause`) for
-HYBRIDLLM_SPIN_US microseconds (default 200: a decode step posts a product every few tens of
-microseconds, and a sleeping thread takes ~10-50 us to wake), then block on a semaphore. llama.cpp's
-thread pool polls the same way.
+HYBRIDLLM_SPIN_US microseconds (default 50; a sleeping thread takes ~10-50 us to wake), then block on a
+semaphore. llama.cpp's thread pool polls the same way. Polling longer helps on a quiet machine and hurts
+on a busy one, where the poller takes CPU time from the threads doing the work.
 """
 from __future__ import annotations
 
@@ -106,7 +106,11 @@ _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
 _helpers: Helpers | None = None
 _lock = threading.Lock()
 _NO_POST = np.zeros(0, np.int64)
-SERIAL_MACS = 1 << 18   # below ~256K multiply-adds (~15 us) a second thread costs more than it saves
+# Products below this many multiply-adds run on the calling thread alone. On a quiet machine ~256K (15 us
+# of work) already gains from a second thread; on a busy one (other processes on the same cores) the
+# helpers rarely get a core in time and cost more than they save, so by default only big products
+# (the output matrix, prompt batches) are split.
+SERIAL_MACS = int(os.environ.get("HYBRIDLLM_MATMUL_PARALLEL_MACS", str(1 << 21)))
 
 
 def set_num_threads(n: int) -> None:
@@ -130,7 +134,7 @@ def run_items(entry: Callable[..., None], nitems: int, macs: int, args: tuple,
         return
     try:
         if _helpers is None or _helpers.n < helpers:
-            _helpers = Helpers(max(helpers, _threads - 1), float(os.environ.get("HYBRIDLLM_SPIN_US", "200")))
+            _helpers = Helpers(max(helpers, _threads - 1), float(os.environ.get("HYBRIDLLM_SPIN_US", "50")))
         # a fresh counter: a helper still leaving the previous job must not see this one's items
         _helpers.run(entry, np.zeros(2, np.int64), nitems, args, helpers)
     finally:
