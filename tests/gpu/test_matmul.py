@@ -4,7 +4,9 @@ activations to Q8 first, hence the looser tolerance there).
 
 Decode-sized products (<= 8 columns) of the integer-path weight types run on int8 activations
 (kernels/q8.cuh: scale max|x|/127 per 32 values, round half away from zero); their exact reference uses
-activations rounded the same way (`q8_round`, written here from that rule), so the comparison stays tight."""
+activations rounded the same way (`q8_round`, written here from that rule), so the comparison stays tight.
+Larger products on tensor cores (kernels/mma.cu) multiply f16 roundings of both operands, and so does their
+exact reference."""
 from __future__ import annotations
 
 import numpy as np
@@ -53,9 +55,19 @@ def q8_round(x: np.ndarray) -> np.ndarray:
     return (q * d.astype(np.float64)).reshape(np.shape(x))
 
 
-def activations(qtype: int, x: np.ndarray, n_cols: int) -> np.ndarray:
-    """The activations a product of `n_cols` columns multiplies, in float64."""
-    return q8_round(x) if qtype in Q8_PATH and n_cols <= 8 else x.astype(np.float64)
+def tensor_cores(gpu) -> bool:
+    """Whether products of > 8 columns run on tensor-core tiles (kernels/mma.cu): f16 operands."""
+    return gpu.rt.warp == 32 and not getattr(gpu.rt, "is_hip", False)
+
+
+def operands(gpu, qtype: int, w: np.ndarray, x: np.ndarray, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(weights, activations) as the kernels multiply them, in float64: int8 activations for decode-sized
+    products of the integer types, f16 weights and activations on tensor cores, else exact."""
+    if n_cols <= 8:
+        return w, q8_round(x) if qtype in Q8_PATH else x.astype(np.float64)
+    if tensor_cores(gpu):
+        return w.astype(np.float16).astype(np.float64), x.astype(np.float16).astype(np.float64)
+    return w, x.astype(np.float64)
 
 
 def mul_mat_case(gpu, qtype: int, K: int, M: int, N: int, batch: tuple[int, int], rng) -> None:
@@ -69,8 +81,8 @@ def mul_mat_case(gpu, qtype: int, K: int, M: int, N: int, batch: tuple[int, int]
         return [g.node(GGMLOp.MUL_MAT, GGMLType.F32, (M, N, b2), [a, b], name="y")]
 
     [(got, ref)] = run_both(gpu, build)
-    w3 = wf.reshape(a2, M, K)
-    xa = activations(qtype, x, N)
+    wa, xa = operands(gpu, qtype, wf, x, N)
+    w3 = wa.reshape(a2, M, K)
     exact = np.stack([xa[i] @ w3[i // (b2 // a2)].T for i in range(b2)])[None]
     scale = np.abs(exact).max()
     assert_close(got, exact, rtol=1e-4, atol=1e-5 * scale, what=f"{TRAITS[qtype].name} vs exact")
@@ -107,7 +119,7 @@ def test_mul_mat_id(gpu, qtype, shared_input, rng):
 
     [(got, ref)] = run_both(gpu, build)
     w3 = wf.reshape(n_expert, M, K)
-    xa = activations(qtype, x, 1)
+    _, xa = operands(gpu, qtype, wf, x, 1)
     exact = np.zeros((1, n_tok, n_used, M))
     for t in range(n_tok):
         for e in range(n_used):
@@ -122,3 +134,12 @@ def test_mul_mat_id(gpu, qtype, shared_input, rng):
 def test_mul_mat_vec_rows_2_aligned(gpu, qtype, rng):
     """K = 768: Q6_K rows of 630 bytes, so every other row (and super-block) starts 2 bytes past a word."""
     mul_mat_case(gpu, qtype, K=768, M=9, N=1, batch=(1, 1), rng=rng)
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.F16], ids=lambda t: TRAITS[t].name)
+def test_mul_mat_wide_tiles(gpu, qtype, rng, monkeypatch):
+    """The 128-column tensor-core tile (chosen for large grids; forced here), partial in M and N."""
+    import hybridllm.backends.cupy_ops.matmul as mm
+
+    monkeypatch.setattr(mm, "MMA_SMALL_GRID", 0)
+    mul_mat_case(gpu, qtype, K=256, M=140, N=130, batch=(1, 1), rng=rng)

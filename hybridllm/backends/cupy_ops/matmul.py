@@ -56,8 +56,28 @@ def build_mul_mat(node: Tensor, ctx: BuildCtx):
         kname = f"mul_mat_vec_{name}" if N == 1 else f"mul_mat_vec8_{name}"
         grid = ((M + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, (N + VEC_MAX_COLS - 1) // VEC_MAX_COLS, batch)
         return [launch(ctx.fn("matmul", kname), grid, (ctx.warp, ROWS_PER_BLOCK), args)]
+    if mma_ok(ctx):
+        return build_mul_mat_mma(node, a, b, ctx, args)
     grid = ((M + TILE - 1) // TILE, (N + TILE - 1) // TILE, batch)
     return [launch(ctx.fn("matmul", f"mul_mat_tile_{name}"), grid, (256,), args)]
+
+
+def mma_ok(ctx: BuildCtx) -> bool:
+    """Tensor-core tiles (kernels/mma.cu): 32-wide warps on CUDA, or the emulator (emulated fragments)."""
+    return ctx.warp == 32 and not getattr(ctx.backend.rt, "is_hip", False)
+
+
+MMA_BM, MMA_SMALL_GRID = 128, 264  # 2 blocks per multiprocessor on an H100
+
+
+def build_mul_mat_mma(node: Tensor, a: Tensor, b: Tensor, ctx: BuildCtx, args: tuple):
+    K, M, N = a.ne[0], a.ne[1], b.ne[1]
+    batch = b.ne[2] * b.ne[3]
+    bvec = (int(ctx.ptr(b)) | b.nb[1] | b.nb[2] | b.nb[3]) % 16 == 0
+    bn = 128 if (M + MMA_BM - 1) // MMA_BM * ((N + 127) // 128) * batch >= MMA_SMALL_GRID else 64
+    grid = ((M + MMA_BM - 1) // MMA_BM, (N + bn - 1) // bn, batch)
+    kname = f"mul_mat_mma{'' if bn == 128 else '64'}_{TRAITS[a.type].name}"
+    return [launch(ctx.fn("mma", kname), grid, (256,), args + (I32(bvec),))]
 
 
 @register(GGMLOp.MUL_MAT_ID)

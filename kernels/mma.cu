@@ -1,0 +1,221 @@
+// Prefill MUL_MAT on tensor cores: dst[m, n] = sum_k A[k, m] * B[k, n] with A (any weight type of
+// quant/all.cuh) dequantized to f16 tiles in shared memory, B (f32 activations) rounded to f16, products
+// summed in f32 by mma.sync m16n8k16. Block tile 128 (rows of A) x BN (columns of B) x 32 (k), 8 warps as
+// 4 x 2, each warp 32 x BN/2; fragments come from shared memory through ldmatrix; the next k-slice is read
+// from global memory while the tensor cores work on the current one (two shared-memory buffers).
+//
+// Warps of 32 only (the fragment layout is defined per 32 lanes). On CUDA the fragments go through the
+// real instructions; elsewhere (the host emulator, 32-wide HIP) through shuffles that follow the PTX
+// fragment layout exactly, so the emulator tests this very tiling. 64-wide wavefronts use matmul.cu's tiles.
+#include "common.cuh"
+#include "quant/all.cuh"
+
+#if HL_WARP == 32
+
+#define MMA_BM 128
+#define MMA_BK 32
+#define MMA_LDS (MMA_BK + 8)  // halves per shared row: 80 bytes, so 8 rows of a fragment hit distinct banks
+
+HL_DEV u32 pack_f16x2(float lo, float hi) { return (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16); }
+
+// Four 8x8 b16 matrices: lane l gives the address of row l % 8 of matrix l / 8; r[i] is matrix i's
+// (row l / 4, columns 2 (l % 4), +1).
+HL_DEV void ldmatrix_x4(u32* r, const u16* p) {
+#if defined(HL_CUDA)
+    const u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const u64 row = shfl_idx_u64((u64)p, 8 * i + (lane >> 2));
+        r[i] = *(const u32*)((const u8*)row + 4 * (lane & 3));
+    }
+#endif
+}
+
+#if !defined(HL_CUDA)
+HL_DEV float f16_lo(u32 v) { return f16_to_f32((u16)(v & 0xffffu)); }
+HL_DEV float f16_hi(u32 v) { return f16_to_f32((u16)(v >> 16)); }
+#endif
+
+// c += A (16x16, fragments a[0..3]) * B (16x8, fragments b[0..1]), f16 inputs, f32 accumulators:
+// c[0], c[1] = (row g, columns 2t, 2t+1), c[2], c[3] = (row g + 8, same), g = lane / 4, t = lane % 4.
+HL_DEV void mma_16816(float* c, const u32* a, const u32* b) {
+#if defined(HL_CUDA)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    // a0: (row g, k 2t..2t+1), a1: (row g+8, k 2t..), a2: (row g, k 8+2t..), a3: (row g+8, k 8+2t..);
+    // b0: (k 2t..2t+1, column g), b1: (k 8+2t.., column g).
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const int la = 4 * g + q, l0 = 4 * (2 * t) + q, l1 = 4 * (2 * t + 1) + q;
+        const u32 a0 = shfl_idx_u32(a[0], la), a1 = shfl_idx_u32(a[1], la);
+        const u32 a2 = shfl_idx_u32(a[2], la), a3 = shfl_idx_u32(a[3], la);
+        const u32 b00 = shfl_idx_u32(b[0], l0), b10 = shfl_idx_u32(b[1], l0);
+        const u32 b01 = shfl_idx_u32(b[0], l1), b11 = shfl_idx_u32(b[1], l1);
+        c[0] += f16_lo(a0) * f16_lo(b00) + f16_hi(a0) * f16_hi(b00) + f16_lo(a2) * f16_lo(b10) + f16_hi(a2) * f16_hi(b10);
+        c[1] += f16_lo(a0) * f16_lo(b01) + f16_hi(a0) * f16_hi(b01) + f16_lo(a2) * f16_lo(b11) + f16_hi(a2) * f16_hi(b11);
+        c[2] += f16_lo(a1) * f16_lo(b00) + f16_hi(a1) * f16_hi(b00) + f16_lo(a3) * f16_lo(b10) + f16_hi(a3) * f16_hi(b10);
+        c[3] += f16_lo(a1) * f16_lo(b01) + f16_hi(a1) * f16_hi(b01) + f16_lo(a3) * f16_lo(b11) + f16_hi(a3) * f16_hi(b11);
+    }
+#endif
+}
+
+// One k-slice of the tile in registers: A groups (8 weights each) and B groups (8 activations each).
+template <int BN>
+struct MmaStage {
+    static constexpr int AG = MMA_BM * MMA_BK / 8 / 256, BG = BN * MMA_BK / 8 / 256;
+    float a[AG][8], b[BG][8];
+};
+
+// Row pointers a thread loads from: A rows tid / 2 (groups 2 (tid & 1) + {0, 1}), B rows (g >> 2) for its
+// groups g = tid + 256 i (k group g & 3).
+template <class T, int BN>
+HL_DEV void mma_load(MmaStage<BN>& st, const u8* arow, const u8* const* bcols, int k0, int K, bool bvec) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < MmaStage<BN>::AG; i++) {
+        const int e0 = k0 + 8 * (2 * (tid & 1) + i);
+        if (arow && e0 < K) T::dequant8(arow, e0 / 8, st.a[i], K);
+        else
+#pragma unroll
+            for (int j = 0; j < 8; j++) st.a[i][j] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < MmaStage<BN>::BG; i++) {
+        const int e0 = k0 + 8 * ((tid + 256 * i) & 3);
+        const float* x = bcols[i] ? (const float*)bcols[i] + e0 : nullptr;
+        if (x && bvec && e0 + 8 <= K) {
+            const float4 u = *(const float4*)x, v = *(const float4*)(x + 4);
+            st.b[i][0] = u.x; st.b[i][1] = u.y; st.b[i][2] = u.z; st.b[i][3] = u.w;
+            st.b[i][4] = v.x; st.b[i][5] = v.y; st.b[i][6] = v.z; st.b[i][7] = v.w;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) st.b[i][j] = x && e0 + j < K ? x[j] : 0.0f;
+        }
+    }
+}
+
+template <int BN>
+HL_DEV void mma_store(const MmaStage<BN>& st, u16* As, u16* Bs) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < MmaStage<BN>::AG; i++) {
+        const float* w = st.a[i];
+        *(uint4*)(As + (tid >> 1) * MMA_LDS + 8 * (2 * (tid & 1) + i)) =
+            make_uint4(pack_f16x2(w[0], w[1]), pack_f16x2(w[2], w[3]), pack_f16x2(w[4], w[5]), pack_f16x2(w[6], w[7]));
+    }
+#pragma unroll
+    for (int i = 0; i < MmaStage<BN>::BG; i++) {
+        const int g = tid + 256 * i;
+        const float* x = st.b[i];
+        *(uint4*)(Bs + (g >> 2) * MMA_LDS + 8 * (g & 3)) =
+            make_uint4(pack_f16x2(x[0], x[1]), pack_f16x2(x[2], x[3]), pack_f16x2(x[4], x[5]), pack_f16x2(x[6], x[7]));
+    }
+}
+
+// grid (ceil(M / 128), ceil(N / BN), ne12 * ne13), block 256. bvec: B rows 16-byte aligned (float4 loads).
+template <class T, int BN>
+HL_DEV void mul_mat_mma(const u8* A, const u8* B, u8* D, int K, int M, int N, i64 nb01, i64 nb02, i64 nb03,
+                        i64 nb11, i64 nb12, i64 nb13, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3,
+                        int bvec) {
+    constexpr int WN = BN / 2, NT = WN / 8, BG = MmaStage<BN>::BG;
+    __shared__ __align__(16) u16 As[2][MMA_BM * MMA_LDS];
+    __shared__ __align__(16) u16 Bs[2][BN * MMA_LDS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+    const int bm = blockIdx.x * MMA_BM, bn = blockIdx.y * BN;
+    const int i12 = blockIdx.z % ne12, i13 = blockIdx.z / ne12;
+    const u8* arow = bm + (tid >> 1) < M ? A + (bm + (tid >> 1)) * nb01 + (i12 / r2) * nb02 + (i13 / r3) * nb03 : nullptr;
+    const u8* bcols[BG];
+#pragma unroll
+    for (int i = 0; i < BG; i++) {
+        const int n = bn + ((tid + 256 * i) >> 2);
+        bcols[i] = n < N ? B + n * nb11 + i12 * nb12 + i13 * nb13 : nullptr;
+    }
+    float acc[2][NT][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
+
+    MmaStage<BN> st;
+    mma_load<T, BN>(st, arow, bcols, 0, K, bvec != 0);
+    mma_store<BN>(st, As[0], Bs[0]);
+    __syncthreads();
+    int buf = 0;
+    for (int k0 = 0; k0 < K; k0 += MMA_BK) {
+        const bool more = k0 + MMA_BK < K;
+        if (more) mma_load<T, BN>(st, arow, bcols, k0 + MMA_BK, K, bvec != 0);  // in flight during the math
+        const u16* as = As[buf];
+        const u16* bs = Bs[buf];
+#pragma unroll
+        for (int ks = 0; ks < MMA_BK; ks += 16) {
+            u32 a[2][4], b[NT][2];
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+                ldmatrix_x4(a[i], as + (wm * 32 + i * 16 + (lane & 15)) * MMA_LDS + ks + (lane >> 4) * 8);
+#pragma unroll
+            for (int j = 0; j < NT / 2; j++) {
+                u32 r[4];
+                ldmatrix_x4(r, bs + (wn * WN + j * 16 + (lane >> 4) * 8 + (lane & 7)) * MMA_LDS + ks + ((lane >> 3) & 1) * 8);
+                b[2 * j][0] = r[0];
+                b[2 * j][1] = r[1];
+                b[2 * j + 1][0] = r[2];
+                b[2 * j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < NT; j++) mma_16816(acc[i][j], a[i], b[j]);
+        }
+        if (more) {
+            mma_store<BN>(st, As[buf ^ 1], Bs[buf ^ 1]);
+            __syncthreads();
+            buf ^= 1;
+        }
+    }
+    u8* d = D + i12 * nb2 + i13 * nb3;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int m = bm + wm * 32 + i * 16 + g + 8 * (c >> 1);
+                const int n = bn + wn * WN + j * 8 + 2 * t + (c & 1);
+                if (m < M && n < N) *(float*)(d + m * 4 + n * nb1) = acc[i][j][c];
+            }
+        }
+    }
+}
+
+#define MMA_ARGS                                                                                        \
+    const u8 *A, const u8 *B, u8 *D, int K, int M, int N, i64 nb01, i64 nb02, i64 nb03, i64 nb11,       \
+        i64 nb12, i64 nb13, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3, int bvec
+#define MMA_PASS A, B, D, K, M, N, nb01, nb02, nb03, nb11, nb12, nb13, nb1, nb2, nb3, ne12, r2, r3, bvec
+
+#define HL_MMA_KERNELS(name, T)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 2) mul_mat_mma_##name(MMA_ARGS) {                 \
+        mul_mat_mma<T, 128>(MMA_PASS);                                                                  \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) mul_mat_mma64_##name(MMA_ARGS) {                  \
+        mul_mat_mma<T, 64>(MMA_PASS);                                                                   \
+    }
+
+HL_FOR_EACH_WEIGHT_TYPE(HL_MMA_KERNELS)
+
+#else
+// 64-wide wavefronts: no kernels here (matmul.cu's mul_mat_tile serves), but a module must define one.
+extern "C" __global__ void mma_unavailable(int* p) { (void)p; }
+#endif
