@@ -220,7 +220,7 @@ def place(costs: ModelCosts, devices: Sequence[Backend], master: Backend,
         avail = [max(s.free - _fixed(costs, s.is_master, True), 0) for s in shares]
         if not master_layers and len(shares) > 1:
             avail = [0 if s.is_master else a for s, a in zip(shares, avail)]
-            how += " (workers first)"
+            how += ", workers first"
         assign = _proportional(costs_l, [float(a) for a in avail]) if sum(avail) > 0 else []
         if not assign or not _fits(costs, shares, assign):
             assign = _greedy(costs, shares, costs_l)

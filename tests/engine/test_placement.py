@@ -179,7 +179,7 @@ def test_cpu_master_takes_only_what_workers_cannot_hold() -> None:
     p = place(c, [w1, w2, m], m, memory=[(300 * MiB, GiB), (100 * MiB, GiB), (64 * GiB, 64 * GiB)],
               master_layers=False)
     assert where(p, [w1, w2, m]) == [0] * 6 + [1] * 2
-    assert p.how == "by free memory (workers first)"
+    assert p.how == "by free memory, workers first"
     p = place(c, [w1, w2, m], m, memory=[(30 * MiB, GiB), (20 * MiB, GiB), (64 * GiB, 64 * GiB)],
               master_layers=False)
     assert where(p, [w1, w2, m]) == [0, 0, 0, 1, 1, 2, 2, 2]
