@@ -91,8 +91,7 @@ class Weights:
             self.cp = cupy if hasattr(be.rt, "stream") else None
         except ImportError:
             self.cp = None
-        if self.cp is not None:
-            self.cprng = self.cp.random.default_rng(seed)
+        self.seed = seed
 
     def fill(self, t: Tensor) -> None:
         tr = TRAITS[t.type]
@@ -103,18 +102,33 @@ class Weights:
             return
         d = np.frombuffer(np.float16(1e-3 / 8).tobytes(), np.uint8)
         if self.cp is not None:
-            cp = self.cp
-            with self.be.rt.device:
-                arr = t.buffer.array[t.offset:t.offset + t.nbytes].reshape(nblk, tr.type_size)
-                arr[...] = self.cprng.integers(0, 256, (nblk, tr.type_size), dtype=cp.uint8)
-                for off in _F16_FIELDS[t.type]:
-                    arr[:, off:off + 2] = cp.asarray(d)
-                cp.cuda.runtime.deviceSynchronize()
+            self._fill_device(t, nblk, tr.type_size, d)
             return
         raw = self.rng.integers(0, 256, (nblk, tr.type_size), dtype=np.uint8)
         for off in _F16_FIELDS[t.type]:
             raw[:, off:off + 2] = d
         self.be.set(t.buffer, t.offset, raw.reshape(-1).data)
+
+
+    def _fill_device(self, t: Tensor, nblk: int, bs: int, d: np.ndarray) -> None:
+        """Hash bytes (a 32-bit mix of the byte index) written in chunks, then the f16 scales."""
+        cp = self.cp
+        self.seed += 1
+        with self.be.rt.device:
+            flat = t.buffer.array[t.offset:t.offset + t.nbytes]
+            step = 1 << 26
+            for lo in range(0, t.nbytes, step):
+                h = cp.arange(lo, min(lo + step, t.nbytes), dtype=cp.uint32) + cp.uint32(self.seed * 0x9E3779B9 & 0xFFFFFFFF)
+                h *= cp.uint32(0x85EBCA6B)
+                h ^= h >> cp.uint32(13)
+                h *= cp.uint32(0xC2B2AE35)
+                h ^= h >> cp.uint32(16)
+                flat[lo:lo + h.size] = h.astype(cp.uint8)
+            arr = flat.reshape(nblk, bs)
+            for off in _F16_FIELDS[t.type]:
+                arr[:, off:off + 2] = cp.asarray(d)
+            cp.cuda.runtime.deviceSynchronize()
+            cp.get_default_memory_pool().free_all_blocks()
 
 
 class Builder:

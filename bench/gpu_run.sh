@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU backend check on a lent CUDA machine: GPU tests, then benchmarks; results go to $OUT.
-# Every step runs even when an earlier one fails; $OUT/summary.txt lists each step's exit code.
+# GPU backend check on a lent CUDA machine: benchmarks, GPU tests, per-kernel profile; results go to $OUT.
+# Every step runs even when an earlier one fails; $OUT/summary.txt lists each step's exit code. The step
+# limits add up to about 400 s (one device command; see bench/RESULTS.md for what each run measured).
 #
-#   device run (from the repo root, carry: [".whl"]):   bash bench/gpu_run.sh
+#   device run (from the repo root, carry: [".whl"]):   bash bench/gpu_run.sh [bench args...]
 #
 # .whl/ holds pure-Python wheels the device image lacks (gguf, for the tests' reference decoders):
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl gguf==0.19.0
@@ -23,32 +24,39 @@ step() {  # step NAME TIMEOUT_S CMD...: output to $OUT/NAME.log, exit code to th
     return 0
 }
 
-if ls .whl/*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hybridllm-site .whl/*.whl \
+# only gguf: the image's own pytest (with pytest-xdist) stays in charge
+if ls .whl/gguf-*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hybridllm-site .whl/gguf-*.whl \
         && export PYTHONPATH=/tmp/hybridllm-site${PYTHONPATH:+:$PYTHONPATH}
 fi
+XDIST=""
+python3 -c "import xdist" 2> /dev/null && XDIST="-n 4"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
 export HYBRIDLLM_CACHE_DIR=/tmp/hybridllm-cache
 export HYBRIDLLM_GPU_EMU=""   # real device only; the emulator variants run in CI
 
-step env 30 bash -c 'nvidia-smi; nvcc --version; python3 -c "import sys, numpy, cupy; print(sys.version);
-print(\"numpy\", numpy.__version__, \"cupy\", cupy.__version__); print(cupy.cuda.Device().attributes[\"WarpSize\"])"'
+step env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv;
+python3 -c "import sys, numpy, cupy; print(sys.version); print(\"numpy\", numpy.__version__, \"cupy\", cupy.__version__)"'
 
 # First start compiles every kernel module (NVRTC) into the cache; the second must only load it.
-step kernels_cold 150 python3 -c "
+step kernels_cold 120 python3 -c "
 import time
 from hybridllm.backends.cupy_backend import CupyRuntime
 t = time.perf_counter(); CupyRuntime(0).kernels.preload()
 print('compile+load s', round(time.perf_counter() - t, 2))"
-step kernels_warm 45 python3 -c "
+step kernels_warm 30 python3 -c "
 import time
 from hybridllm.backends.cupy_backend import CupyRuntime
 t = time.perf_counter(); CupyRuntime(0).kernels.preload()
 print('cached load s', round(time.perf_counter() - t, 2))"
 
-step tests_gpu 230 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs --junitxml="$OUT/tests_gpu.xml" tests/gpu
+step bench_gpu 150 python3 bench/bench_gpu.py --json "$OUT/bench_gpu.json" "$@"
 
-step bench_gpu 120 python3 bench/bench_gpu.py --json "$OUT/bench_gpu.json"
+step tests_gpu 120 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" $XDIST -rs --junitxml="$OUT/tests_gpu.xml" tests/gpu
+
+step profile 90 python3 bench/gpu_profile.py --models qwen3-0.6b-q8_0,qwen3-8b-q4_k_m,qwen3-30b-a3b-q5_k_m \
+    --prefill 512 --json "$OUT/profile.json"
 
 cat "$OUT/summary.txt"
 exit 0
