@@ -68,9 +68,9 @@ def _run_q8(x: np.ndarray, k_family: bool) -> tuple[np.ndarray, ...]:
         nblk = K // 32
         bd, extra = np.zeros((C, nblk), np.float32), np.zeros((C, nblk), np.float32)
         bq8, ycorr, dyv = np.zeros(C * K, np.int8), np.zeros(C * nblk * 8, np.int32), np.zeros(C * nblk * 8, np.float32)
-        quantize_q8_0(x.view(np.uint8).reshape(-1), boff, K, bq, bq8, bd, extra, ycorr, dyv)
+        quantize_q8_0(x.view(np.uint8).reshape(-1), boff, K, 16, bq, bq8, bd, extra, ycorr, dyv)
         np.testing.assert_array_equal(bq8, bq)  # the int8 copy and per-block sums the byte kernels read
-        np.testing.assert_array_equal(ycorr, bq.reshape(-1, 4).sum(-1))
+        np.testing.assert_array_equal(ycorr, -16 * bq.reshape(-1, 4).sum(-1))
         np.testing.assert_array_equal(dyv.reshape(C, nblk, 8), np.repeat(bd[..., None], 8, axis=-1))
     return bq.reshape(C, K), bd, extra
 

@@ -48,11 +48,12 @@ def _to_int8(v: np.float32) -> int:
 
 
 @njit(cache=True)
-def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray,
-                  bs: np.ndarray, ycorr: np.ndarray, dyv: np.ndarray) -> None:
+def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, offset: int, bq: np.ndarray, bq8: np.ndarray,
+                  bd: np.ndarray, bs: np.ndarray, ycorr: np.ndarray, dyv: np.ndarray) -> None:
     """Rows -> Q8_0 (bq int16 and bq8 int8, bd) plus the Q8_1 sums bs (ggml's AVX2 quantizers; Q8_1 has
-    the same q and d). For the byte kernels, per block also the 8 sums of 4 consecutive q (ycorr, int32)
-    and 8 copies of d (dyv)."""
+    the same q and d). For the byte kernels, per block also the 8 sums of 4 consecutive q times -offset
+    (ycorr, int32; `offset` is what the weight type adds to make its values unsigned) and 8 copies of d
+    (dyv)."""
     c127 = np.float32(127.0)
     for c in range(boff.shape[0]):
         for blk in range(K // 32):
@@ -74,7 +75,7 @@ def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bq
             v = (c * (K // 32) + blk) * 8
             for k in range(8):
                 e = c * K + blk * 32 + 4 * k
-                ycorr[v + k] = bq[e] + bq[e + 1] + bq[e + 2] + bq[e + 3]
+                ycorr[v + k] = -offset * (bq[e] + bq[e + 1] + bq[e + 2] + bq[e + 3])
                 dyv[v + k] = bd[c, blk]
 
 

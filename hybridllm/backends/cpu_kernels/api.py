@@ -22,6 +22,7 @@ from numba import njit
 
 from ...ggml.types import GGMLType
 from .actquant import convert_float, quantize_q8_0, quantize_q8_k
+from .decode import OFFSET
 from .kernels import f_drain, k_drain, q32_drain
 from .threads import get_num_threads, run_items
 
@@ -198,11 +199,12 @@ def _binder(atype: int, btype: int, family: str) -> Binder:
         head = (nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo)
         macs = M * K * colb.shape[0]
         fa, fb = int(atype), int(btype)
+        offset = OFFSET.get(fa, 0)
 
         def run() -> None:
             ws = _scratch.activation_views(family, C, K)
             if family == "q32":
-                quantize_q8_0(bbuf, boff, K, *ws)
+                quantize_q8_0(bbuf, boff, K, offset, *ws)
             elif family == "k":
                 quantize_q8_k(bbuf, boff, K, *ws)
             else:

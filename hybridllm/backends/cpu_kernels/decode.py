@@ -28,12 +28,11 @@ from .simd import (
     _llvm_type,
     bits_to_bytes,
     byte_ptr,
+    dot4_u8s8,
     fp16_bits_to_f32,
     load_bytes,
     load_scalar,
     lookup16,
-    madd_i16,
-    maddubs,
     nibbles,
     shuffle,
     splat,
@@ -206,8 +205,8 @@ def q32_dot8x2(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any, bq8: Any
     """Integer dot products of the two blocks at `off` and `off + bsz` with 64 int8 activations at each
     element of the tuple `es` of `bq8`; per activation row an I32x16 whose lanes 0-7 sum to block 0's dot
     and lanes 8-15 to block 1's (lane k: elements 4k..4k+3, exact). Weights go in as unsigned bytes
-    (vpmaddubsw), decoded once; their offset is taken back out lane by lane with the activation's sums of
-    4 (`ycorr`, int32, 8 per block) at the elements `yis`."""
+    (vpdpbusd, or vpmaddubsw + vpmaddwd), decoded once; their offset is taken back out lane by lane by
+    starting from `ycorr` (int32, 8 per block: -offset times the activation's sums of 4) at `yis`."""
     f = _literal(fmt, Q32_FORMATS)
     n = _ntuple(es)
     if f is None or n is None or _ntuple(yis) != n or not isinstance(off, types.Integer):
@@ -226,20 +225,18 @@ def q32_dot8x2(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any, bq8: Any
         negative = builder.icmp_signed("<", u, zero) if f in SIGNED else None
         if negative is not None:  # |q| <= 128 unsigned; activations are in [-127, 127], so -y fits
             u = builder.select(negative, builder.sub(zero, u), u)
-        ones = splat(builder, ir.Constant(_I16, 1), 32)
         out = []
         for i in range(n):
             ye = _i64(context, builder, builder.extract_value(args[5], i), sig.args[5].dtype)
             y = builder.load(byte_ptr(context, builder, sig.args[4], args[4], ye, vty(_I8, 64)), align=1)
             if negative is not None:
                 y = builder.select(negative, builder.sub(zero, y), y)
-            s = madd_i16(builder, maddubs(builder, u, y), ones)
-            if f in OFFSET:
-                yi = _i64(context, builder, builder.extract_value(args[7], i), sig.args[7].dtype)
-                yo = builder.mul(yi, ir.Constant(_I64, 4))
-                corr = builder.load(byte_ptr(context, builder, sig.args[6], args[6], yo, vty(_I32, 16)), align=4)
-                s = builder.sub(s, builder.mul(corr, splat(builder, ir.Constant(_I32, OFFSET[f]), 16)))
-            out.append(s)
+            acc = ir.Constant(vty(_I32, 16), None)
+            if f in OFFSET:  # start from -offset * (sums of 4 activations): the lanes come out exact
+                yo = builder.mul(_i64(context, builder, builder.extract_value(args[7], i), sig.args[7].dtype),
+                                 ir.Constant(_I64, 4))
+                acc = builder.load(byte_ptr(context, builder, sig.args[6], args[6], yo, vty(_I32, 16)), align=4)
+            out.append(dot4_u8s8(builder, acc, u, y))
         return context.make_tuple(builder, ret, out)
     return ret(fmt, abuf, off, bsz, bq8, es, ycorr, yis), codegen
 

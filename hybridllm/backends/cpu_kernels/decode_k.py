@@ -25,6 +25,7 @@ from .simd import (
     HAS_MADDUBS,
     I32x16,
     byte_ptr,
+    dot2_i16,
     fp16_bits_to_f32,
     load_bytes,
     load_scalar,
@@ -298,14 +299,13 @@ def ksb_dot8(typingctx: Any, fmt: Any, abuf: Any, off: Any, bq8: Any, bsum: Any,
         sc16, _ = _scales(f, blk)
         qs = [context.cast(builder, builder.extract_value(args[5], i), sig.args[5].dtype, types.int64)
               for i in range(n)]
-        acc: list[ir.Value | None] = [None] * n
+        acc = [ir.Constant(vty(_I32, 16), None)] * n
         for p in range(4):
             u = _pair_u8(f, blk, p)
             scv = shuffle(builder, sc16, sc16, [4 * p + k // 8 for k in range(32)])
             for i in range(n):
                 y = _i8_at(context, builder, sig.args[3], args[3], builder.add(qs[i], ir.Constant(_I64, 64 * p)), 64)
-                s = madd_i16(builder, maddubs(builder, u, y), scv)
-                acc[i] = s if acc[i] is None else builder.add(acc[i], s)
+                acc[i] = dot2_i16(builder, acc[i], maddubs(builder, u, y), scv)
         off = _OFFSET.get(f, 0)
         if off:
             zero8 = ir.Constant(vty(_I32, 8), None)

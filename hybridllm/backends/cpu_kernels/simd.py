@@ -351,6 +351,8 @@ def add_f32(typingctx: Any, a: Any, b: Any) -> Any:
 HAS_AVX512BW = bool(HOST_FEATURES.get("avx512bw", False))
 # the byte-product kernels need vpmaddubsw; HYBRIDLLM_NO_MADDUBS=1 forces the portable int16 kernels
 HAS_MADDUBS = HAS_AVX2 and not os.environ.get("HYBRIDLLM_NO_MADDUBS")
+# AVX512-VNNI vpdpbusd: 4 unsigned-by-signed byte products added into each int32 lane, in one instruction
+HAS_VNNI = HAS_MADDUBS and HAS_AVX512BW and bool(HOST_FEATURES.get("avx512vnni", False))
 
 
 def maddubs(builder: ir.IRBuilder, u: ir.Value, s: ir.Value) -> ir.Value:
@@ -365,6 +367,27 @@ def maddubs(builder: ir.IRBuilder, u: ir.Value, s: ir.Value) -> ir.Value:
     halves = [builder.call(fn, [shuffle(builder, u, u, list(range(k, k + 32))),
                                 shuffle(builder, s, s, list(range(k, k + 32)))]) for k in (0, 32)]
     return shuffle(builder, halves[0], halves[1], list(range(32)))
+
+
+def dot4_u8s8(builder: ir.IRBuilder, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.Value:
+    """acc (<16 x i32>) + per lane k the sum of u[4k+i] * s[4k+i], i < 4 (u unsigned, s signed bytes): exact
+    int32 sums (callers keep each pair of products inside int16 for the vpmaddubsw fallback)."""
+    if HAS_VNNI:
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty(_I32, 16), [vty(_I32, 16), vty(_I8, 64), vty(_I8, 64)]),
+            "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, u, s])
+    return builder.add(acc, madd_i16(builder, maddubs(builder, u, s), splat(builder, ir.Constant(_I16, 1), 32)))
+
+
+def dot2_i16(builder: ir.IRBuilder, acc: ir.Value, a: ir.Value, b: ir.Value) -> ir.Value:
+    """acc (<16 x i32>) + pairwise int16 products of a and b (<32 x i16>): vpdpwssd with AVX512-VNNI."""
+    if HAS_VNNI:
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty(_I32, 16), [vty(_I32, 16), vty(_I16, 32), vty(_I16, 32)]),
+            "llvm.x86.avx512.vpdpwssd.512")
+        return builder.call(fn, [acc, a, b])
+    return builder.add(acc, madd_i16(builder, a, b))
 
 
 def madd_i16(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
