@@ -1,5 +1,6 @@
-"""The portable int16 kernels (used where vpmaddubsw is missing) give the same results as the reference:
-run in a subprocess with HYBRIDLLM_NO_MADDUBS=1 and a numba cache of its own (in pytest's cache dir)."""
+"""The kernel variants this host would not pick give the same results as the reference: the portable int16
+kernels (no vpmaddubsw) and the AVX2 byte kernels (no VNNI). Each runs in a subprocess with its
+HYBRIDLLM_NO_* switch and a numba cache of its own (in pytest's cache dir)."""
 from __future__ import annotations
 
 import os
@@ -8,17 +9,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 _SCRIPT = r"""
 import numpy as np, sys
 sys.path.insert(0, sys.argv[1])
 from matmul_blocks import random_rows
 from hybridllm.backends.cpu_kernels import get_matmul
-from hybridllm.backends.cpu_kernels.simd import HAS_MADDUBS
+from hybridllm.backends.cpu_kernels.simd import HAS_MADDUBS, HAS_VNNI
 from hybridllm.backends.numpy_ops.matmul import mul_mat_ref
 from hybridllm.ggml.types import GGMLType as T
-assert not HAS_MADDUBS
+assert not HAS_VNNI and HAS_MADDUBS == (sys.argv[2] == "HYBRIDLLM_NO_VNNI")
 rng = np.random.default_rng(5)
-for atype in (T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K):
+for atype in (T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K, T.Q3_K):
     M, K, N = 37, 768, 6
     A = random_rows(rng, atype, (M,), K)
     B = rng.standard_normal((N, K)).astype(np.float32)
@@ -33,10 +36,12 @@ print("ok")
 """
 
 
-def test_int16_kernels_without_maddubs(request: Any) -> None:
-    cache = request.config.cache.mkdir("hybridllm-numba-int16")  # kept between runs: compiled once
-    env = dict(os.environ, HYBRIDLLM_NO_MADDUBS="1", NUMBA_CACHE_DIR=str(cache))
+@pytest.mark.parametrize("switch", ["HYBRIDLLM_NO_MADDUBS", "HYBRIDLLM_NO_VNNI"])
+def test_other_kernel_variants(request: Any, switch: str) -> None:
+    cache = request.config.cache.mkdir(f"hybridllm-numba-{switch.lower()}")  # kept between runs
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    env[switch] = "1"
     here = Path(__file__).resolve().parent
-    res = subprocess.run([sys.executable, "-c", _SCRIPT, str(here)], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=here.parents[1], check=False)
+    res = subprocess.run([sys.executable, "-c", _SCRIPT, str(here), switch], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=here.parents[1], check=False)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr

@@ -2,7 +2,7 @@
 
 numba keys a cached function on its own source file only: when decode.py changes, an entry compiled
 from api.py would still load its stale machine code. So the cache directory of this package carries a
-stamp of all its sources (and of HYBRIDLLM_NO_MADDUBS), and cached files are dropped when it differs.
+stamp of all its sources (and of the HYBRIDLLM_NO_* switches), and cached files are dropped when it differs.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ _STAMP = "hybridllm_cpu_kernels.stamp"
 
 
 def _sources_digest(pkg_dir: Path) -> str:
-    h = hashlib.sha256(os.environ.get("HYBRIDLLM_NO_MADDUBS", "").encode())  # it changes the kernels too
+    h = hashlib.sha256()
+    for var in ("HYBRIDLLM_NO_MADDUBS", "HYBRIDLLM_NO_VNNI"):  # they change the kernels too
+        h.update(os.environ.get(var, "").encode() + b"\0")
     for src in sorted(pkg_dir.glob("*.py")):
         h.update(src.name.encode())
         h.update(src.read_bytes())

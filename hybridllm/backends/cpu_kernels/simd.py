@@ -352,7 +352,9 @@ HAS_AVX512BW = bool(HOST_FEATURES.get("avx512bw", False))
 # the byte-product kernels need vpmaddubsw; HYBRIDLLM_NO_MADDUBS=1 forces the portable int16 kernels
 HAS_MADDUBS = HAS_AVX2 and not os.environ.get("HYBRIDLLM_NO_MADDUBS")
 # AVX512-VNNI vpdpbusd: 4 unsigned-by-signed byte products added into each int32 lane, in one instruction
-HAS_VNNI = HAS_MADDUBS and HAS_AVX512BW and bool(HOST_FEATURES.get("avx512vnni", False))
+# (HYBRIDLLM_NO_VNNI=1 keeps the AVX2 vpmaddubsw + vpmaddwd sequences)
+HAS_VNNI = (HAS_MADDUBS and HAS_AVX512BW and bool(HOST_FEATURES.get("avx512vnni", False))
+            and not os.environ.get("HYBRIDLLM_NO_VNNI"))
 
 
 def maddubs(builder: ir.IRBuilder, u: ir.Value, s: ir.Value) -> ir.Value:
