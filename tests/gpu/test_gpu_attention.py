@@ -44,6 +44,9 @@ CASES = {
     "head512": dict(n_q=1, n_kv=5, H=1, Hkv=1, D=320),
     "f32-cache": dict(n_q=2, n_kv=37, H=2, Hkv=1, D=24, kv=F32),
     "long": dict(n_q=1, n_kv=300, H=2, Hkv=1, D=16),
+    # several query blocks of the prefill kernel (8 queries each; the last partial), head 128: vector V loads
+    "prefill-blocks": dict(n_q=19, n_kv=40, H=2, Hkv=1, D=128),
+    "prefill-head256": dict(n_q=6, n_kv=20, H=1, Hkv=1, D=160),
 }
 
 

@@ -1,4 +1,5 @@
-"""FLASH_ATTN_EXT on the GPU (kernels/attention.cu): one block per (query, head, sequence)."""
+"""FLASH_ATTN_EXT on the GPU (kernels/attention.cu): one block per (QB queries, head, sequence); 8 warps and
+one query for decode, 4 warps and 8 (4 above head size 128) queries for prefill."""
 from __future__ import annotations
 
 from ...ggml.tensor import Tensor
@@ -9,7 +10,6 @@ from .mmvq import q8_out
 from .norm import alibi
 
 _KV_TYPES = {GGMLType.F32: 4, GGMLType.F16: 2, GGMLType.BF16: 2}
-FA_WARPS = 4  # kernels/attention.cu
 
 
 @register(GGMLOp.FLASH_ATTN_EXT)
@@ -41,17 +41,22 @@ def build_flash_attn(node: Tensor, ctx: BuildCtx):
     if softcap != 0.0:
         scale /= softcap
     m0, m1, h2 = alibi(H, max_bias)
-    # 16-byte loads of K rows when every row start is aligned (always so for an F16 cache, D % 8 == 0)
+    maxd = next(m for m in (64, 128, 256, 512) if max(D, Dv) <= m)
+    qb, nw = (1, 8) if n_q == 1 else {64: (8, 4), 128: (8, 4), 256: (4, 4), 512: (1, 4)}[maxd]
+    vpl = maxd // ctx.warp
+    # 16-byte loads of K rows when every row start is aligned (always so for an F16 cache, D % 8 == 0);
+    # vector loads of each lane's V slice when those are aligned
     kvec = k.type == GGMLType.F16 and D % 8 == 0 and (int(ctx.ptr(k)) | k.nb[1] | k.nb[2] | k.nb[3]) % 16 == 0
+    vvec = v.type == GGMLType.F16 and vpl >= 2 and (int(ctx.ptr(v)) | v.nb[1] | v.nb[2] | v.nb[3]) % (2 * vpl) == 0
     args = (ctx.ptr(q), ctx.ptr(k), ctx.ptr(v), ctx.ptr(mask), ctx.ptr(sinks), ctx.ptr(node),
-            I32(k.type), I32(v.type), I32(mask.type if mask is not None else -1), I32(kvec), I32(D), I32(Dv),
-            I32(n_kv),
+            I32(k.type), I32(v.type), I32(mask.type if mask is not None else -1), I32(kvec), I32(vvec), I32(D),
+            I32(Dv), I32(n_q), I32(n_kv),
             I32(H // k.ne[2]), I32(S // k.ne[3]), I32(H // v.ne[2]), I32(S // v.ne[3]),
             I64(q.nb[1]), I64(q.nb[2]), I64(q.nb[3]), I64(k.nb[1]), I64(k.nb[2]), I64(k.nb[3]),
             I64(v.nb[1]), I64(v.nb[2]), I64(v.nb[3]), *margs, F32(scale), F32(max_bias), F32(m0), F32(m1),
             I32(h2), F32(softcap), I64(node.nb[1]), I64(node.nb[2]), I64(node.nb[3]))
     q8 = q8_out(ctx, node) if Dv % 32 == 0 else None
     args += (P(q8.q), P(q8.d)) if q8 is not None else (NULL, NULL)
-    kname = "k_flash_attn_256" if max(D, Dv) <= 256 else "k_flash_attn_512"
-    require(n_q <= 2**31 - 1 and H <= 65535 and S <= 65535, node, "grid too large")
-    return [launch(ctx.fn("attention", kname), (n_q, H, S), (FA_WARPS * ctx.warp,), args)]
+    require(H <= 65535 and S <= 65535, node, "grid too large")
+    return [launch(ctx.fn("attention", f"k_fa_{maxd}_{qb}_{nw}"), ((n_q + qb - 1) // qb, H, S), (nw * ctx.warp,),
+                   args)]
