@@ -1,16 +1,22 @@
-"""SOFT_MAX and FLASH_ATTN_EXT (ggml-rpc.md §12.14, §12.15), vectorized over heads, queries and sequences.
+"""SOFT_MAX and FLASH_ATTN_EXT (ggml-rpc.md §12.14, §12.15), with ggml's CPU numerics.
 
-FLASH_ATTN_EXT computes the exact softmax attention in float32: the queries sharing a K/V head form one
-matrix, so each kv head costs two BLAS matmuls (GQA and sequence broadcast never copy K/V), and only the
-KV range the mask leaves visible is read. Where ggml's kernel rounds Q to K's vec_dot type (F16 for an
-F16 cache: its row-by-row path, used below 64 queries) we round Q the same way.
+SOFT_MAX replays ggml's row loop bit for bit (ggml_math: its AVX2 expf, 8-lane partial sums in double).
 
-ggml's row path also keeps the running V accumulator in F16 for an F16 V, which costs it ~1e-3 relative
-accuracy (more for long caches). Setting `GGML_F16_ACCUMULATOR` (module attribute, or the environment
-variable HYBRIDLLM_FA_F16_ACC=1 at import) makes F16 K/V rows follow that path step by step instead
-(a numba kernel below), reproducing ggml's results bit for bit: useful to compare logits with a reference
-server, slower and less accurate otherwise. `GGML_THREADS` is the thread count whose KV chunking the
-single-query decode path reproduces.
+FLASH_ATTN_EXT has two paths, as ggml does:
+* F16 K/V and fewer than 64 queries (every decode step, short prompts): ggml's row kernel keeps the
+  running V accumulator in F16, which costs it ~1e-3 relative accuracy; `f16_accumulator_kernel` replays
+  it step by step (numba, K/V head by K/V head so each K/V row is converted once for all the query rows
+  that share it), reproducing ggml to the last bit. This is the default because the worker's contract is
+  llama.cpp's numbers: quantized matmuls amplify any difference (see ggml_math). `GGML_F16_ACCUMULATOR =
+  False` (or HYBRIDLLM_FA_F16_ACC=0 at import) selects the exact float32 path below instead.
+* otherwise: exact softmax attention in float32, the queries sharing a K/V head as one matrix (two BLAS
+  matmuls per kv head, GQA and sequence broadcast never copy K/V), only the KV range the mask leaves
+  visible is read; Q is rounded to K's vec_dot type where ggml's row path does that.
+
+A single decode query over >= 512 KV entries is split by ggml over its threads and merged; the replay
+merges the same chunks for `ggml_threads()` threads (GGML_THREADS, else $HYBRIDLLM_GGML_THREADS, else
+$OMP_NUM_THREADS, which `hybridllm worker --threads N` sets, else 1): a worker reproduces an rpc-server
+running as many threads as it does.
 """
 from __future__ import annotations
 
@@ -26,15 +32,26 @@ from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, type_name
 from . import Kernel, register
 from .common import bf16_to_f32, f32_to_bf16, require, rows_view, view
-from .elementwise import f16_table, f16_to_f32, njit_in_place
+from .elementwise import f16_to_f32, njit_in_place
 
 F32 = np.float32
 F64 = np.float64
 FA_TILE_Q = 64   # ggml's GGML_FA_TILE_Q: from this many queries on, its kernel keeps Q in F32
 FA_SPLIT_KV = 512  # ggml splits a single query's KV range across threads from this many entries on
 FA_SCORES_BYTES = 32 << 20   # bound on the score matrix of one query block (long prompts)
-GGML_F16_ACCUMULATOR = os.environ.get("HYBRIDLLM_FA_F16_ACC", "") == "1"
-GGML_THREADS = 1
+GGML_F16_ACCUMULATOR = os.environ.get("HYBRIDLLM_FA_F16_ACC", "1") != "0"
+GGML_THREADS: int | None = None
+
+
+def ggml_threads() -> int:
+    """The thread count whose split-KV chunking single-query attention reproduces (module docstring)."""
+    if GGML_THREADS is not None:
+        return max(1, GGML_THREADS)
+    for var in ("HYBRIDLLM_GGML_THREADS", "OMP_NUM_THREADS"):
+        text = os.environ.get(var, "")
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    return 1
 
 
 def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
@@ -67,36 +84,60 @@ def build_soft_max(node: Tensor) -> Kernel:
     require(src.ne == node.ne, node, f"source shape {src.ne} differs from result shape {node.ne}")
     ne00, ne01, ne02, ne03 = src.ne
     scale, max_bias = F32(node.param_f32(0)), float(node.param_f32(1))
-    slopes = alibi_slopes(ne02, max_bias)[None, :, None, None]
     x, y = view(src), view(node)
-    add_mask: Callable[[np.ndarray], np.ndarray] = lambda w: w
     if mask is not None:
         require(mask.type in (GGMLType.F16, GGMLType.F32), node, f"mask must be f16/f32, not {type_name(mask.type)}")
         require(mask.ne[0] == ne00 and mask.ne[1] >= ne01 and ne02 % mask.ne[2] == 0 and ne03 % mask.ne[3] == 0,
                 node, f"mask {mask.ne} does not fit {src.ne}")
-        read_mask = mask_reader(mask, ne01)
-        bshape = (ne03, ne02, ne01, ne00)
-        if max_bias > 0:
-            add_mask = lambda w: (w + _bcast(read_mask(), bshape) * slopes).astype(F32, copy=False)
-        else:
-            add_mask = lambda w: w + _bcast(read_mask(), bshape)
-    sink_v = None
+    sink_v = np.zeros(0, F32)
     if sinks is not None:
         require(sinks.type == GGMLType.F32 and sinks.nelements >= ne02, node, "sinks must be f32, one per head")
         sink_v = view(sinks)[0, 0, 0, :ne02]
+    no_mask = np.zeros((0, 0, 0, 0), F32)
+    read = mask_reader(mask, ne01) if mask is not None else (lambda: no_mask)
+    rows = _soft_max_kernel()
+    work = np.empty(ne00, F32)
+    return lambda: rows(x, y, read(), alibi_slopes(ne02, max_bias), sink_v, scale, work)
 
-    def kernel() -> None:
-        with np.errstate(invalid="ignore", over="ignore"):
-            w = add_mask(x * scale)
-            m = w.max(axis=-1, keepdims=True)
-            if sink_v is not None:
-                m = np.maximum(m, sink_v[None, :, None, None])
-            e = np.exp(w - m)
-            s = e.sum(axis=-1, keepdims=True, dtype=F64)
-            if sink_v is not None:
-                s += np.exp((sink_v[None, :, None, None] - m).astype(F64)).astype(F32)
-            np.multiply(e, (1.0 / s).astype(F32), out=y)
-    return kernel
+
+# ggml_math's numba intrinsics and row kernels, bound (globals().update) before the kernels below compile
+fma32 = f16_round = f16_bits_f32 = soft_max_row = None
+
+
+def _soft_max_rows(x, y, mask, slopes, sinks, scale, wp):  # numba
+    """ggml's soft_max_f32 per row: w = x*scale (+ slope*mask), max, ggml_vec_soft_max_f32 (AVX2 expf in
+    blocks of 8, per-block float sums added in double), sinks, then y *= (float)(1/sum)."""
+    n3, n2, n1, n0 = x.shape
+    for i3 in range(n3):
+        for i2 in range(n2):
+            slope = slopes[i2]
+            for i1 in range(n1):
+                for i in range(n0):
+                    wp[i] = x[i3, i2, i1, i] * scale
+                if mask.size:
+                    mrow = mask[i3 % mask.shape[0], i2 % mask.shape[1], i1]
+                    for i in range(n0):
+                        wp[i] = fma32(slope, mrow[i], wp[i])   # ggml's build contracts wp += slope*m
+                mx = np.float32(-np.inf)
+                for i in range(n0):
+                    mx = wp[i] if wp[i] > mx else mx
+                if sinks.size:
+                    mx = sinks[i2] if sinks[i2] > mx else mx
+                dst = y[i3, i2, i1]
+                total = soft_max_row(wp, dst, mx)
+                if sinks.size:
+                    total += np.float64(np.float32(math.exp(sinks[i2] - mx)))
+                inv = np.float32(1.0 / total)
+                for i in range(n0):
+                    dst[i] = dst[i] * inv
+
+
+@functools.cache
+def _soft_max_kernel() -> Callable[..., None]:
+    from . import ggml_math
+    fns = ggml_math.compiled()
+    globals().update(soft_max_row=fns["soft_max_row"], fma32=ggml_math.fma32)
+    return ggml_math.jit(_soft_max_rows)
 
 
 def _bcast(small: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -262,147 +303,144 @@ def _mask_layout(mask: np.ndarray, shape: tuple[int, int, int, int], sk: int, hk
     return _split_heads(full, sk, hk).transpose(0, 1, 2, 5, 3, 4)
 
 
-# --- ggml's F16-accumulator row path, step by step (opt-in) ---------------------------------------------
+# --- ggml's row path for F16 K/V, bit for bit -------------------------------------------------------
 
-def _round_f16(buf: np.ndarray) -> None:  # numba
-    """Round float32 values in place to the nearest F16 (ties to even), as _mm256_cvtps_ph does."""
-    u = buf.view(np.uint32)
-    for d in range(u.size):
-        x = u[d]
-        sign = x & np.uint32(0x80000000)
-        a = x & np.uint32(0x7FFFFFFF)
-        if a > np.uint32(0x7F800000):
-            continue
-        if a >= np.uint32(0x477FF000):
-            u[d] = sign | np.uint32(0x7F800000)
-        elif a >= np.uint32(0x38800000):
-            u[d] = sign | ((a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000))
-        else:                                  # F16 subnormal range: multiples of 2^-24
-            q = abs(np.float64(buf[d])) * 16777216.0
-            f = math.floor(q)
-            r = q - f
-            if r > 0.5 or (r == 0.5 and f % 2.0 == 1.0):
-                f += 1.0
-            v = np.float32(f / 16777216.0)
-            buf[d] = -v if sign else v
-
-def _dot_f16(k: np.ndarray, q: np.ndarray, lut: np.ndarray, acc: np.ndarray) -> np.float32:  # numba
-    """ggml_vec_dot_f16 on AVX2: 4x8 float lanes, its reduction order, double leftovers."""
+def _dot_f16(kf, q, acc):  # numba
+    """ggml_vec_dot_f16 on AVX2 (K row and F16-rounded Q as float32): 4 accumulators of 8 lanes over
+    blocks of 32 (lane t of the 32 sums k[32b+t]*q[32b+t] in block order; products of two F16 values are
+    exact in float32, so this equals ggml's FMAs), its lane reduction order, leftovers added in double."""
     n = q.size
-    n32 = n & ~31
-    acc[:, :] = 0
-    for i in range(0, n32, 32):
-        for j in range(4):
-            for lane in range(8):
-                t = i + 8 * j + lane
-                acc[j, lane] = acc[j, lane] + lut[k[t]] * q[t]   # exact product: FMA == mul + add
-    for lane in range(8):
-        acc[0, lane] = (acc[0, lane] + acc[2, lane]) + (acc[1, lane] + acc[3, lane])
-    t0 = acc[0, 0] + acc[0, 4]
-    t1 = acc[0, 1] + acc[0, 5]
-    t2 = acc[0, 2] + acc[0, 6]
-    t3 = acc[0, 3] + acc[0, 7]
-    total = np.float64((t0 + t1) + (t2 + t3))
+    n32 = n - n % 32
+    for t in range(32):
+        acc[t] = kf[t] * q[t] if n32 else np.float32(0)
+    for i in range(32, n32, 32):
+        for t in range(32):
+            acc[t] += kf[i + t] * q[i + t]
+    for t in range(8):
+        acc[t] = (acc[t] + acc[16 + t]) + (acc[8 + t] + acc[24 + t])
+    total = np.float64(((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])))
     for t in range(n32, n):
-        total += np.float64(lut[k[t]] * q[t])
+        total += np.float64(kf[t] * q[t])
     return np.float32(total)
 
-def _fa_f16_chunk(qrow, krows, vrows, lut, mrow, slope, scale, softcap, lo, hi, vkq, tmp, acc):  # numba
-    """ggml's one_chunk loop over KV entries lo..hi of one query row; returns (max, sum), leaves the F16
-    accumulator in vkq."""
-    m_run, s_run = np.float32(-np.inf), np.float32(0)
-    vkq[:] = 0
-    for ic in range(lo, hi):
-        mv = np.float32(0)
-        if mrow.size:
-            mv = slope * mrow[ic]
-            if mv == -np.inf:
-                continue
-        sc = _dot_f16(krows[ic], qrow, lut, acc) * scale
-        if softcap != 0:
-            sc = softcap * np.float32(math.tanh(sc))
-        sc = sc + mv
-        ms, vs = np.float32(1), np.float32(1)
-        if sc > m_run:
-            ms = np.float32(math.exp(m_run - sc))
-            m_run = sc
-            for d in range(vkq.size):
-                vkq[d] = vkq[d] * ms
-            _round_f16(vkq)
-        else:
-            vs = np.float32(math.exp(sc - m_run))
-        vrow = vrows[ic]
-        for d in range(vkq.size):
-            tmp[d] = np.float32(np.float64(lut[vrow[d]]) * vs + vkq[d])
-        _round_f16(tmp)
-        vkq[:] = tmp
-        s_run = np.float32(np.float64(s_run) * ms + vs)
-    return m_run, s_run
 
-
-def _fa_add_sink(sink, m_run, s_run, vkq):  # numba
-    ms, vs = np.float32(1), np.float32(1)
-    if sink > m_run:
-        ms = np.float32(math.exp(m_run - sink))
-        m_run = sink
-        for d in range(vkq.size):
-            vkq[d] = vkq[d] * ms
-    else:
-        vs = np.float32(math.exp(sink - m_run))
-    return m_run, np.float32(np.float64(s_run) * ms + vs)
-
-
-def _fa_f16_rows(q, kb, vb, lut, mask, slopes, sinks, scale, softcap, chunk, out):  # numba
-    """Every (seq, head, query) row: online softmax with the V accumulator rounded to F16 each step, the
-    KV range cut into chunks of `chunk` entries merged as ggml's split-KV reduction does."""
-    S, H, NQ, _ = q.shape
-    n_kv, DV = kb.shape[2], vb.shape[3]
+def _fa_f16_group(q, kb, vb, mask, slopes, sinks, scale, softcap, lo, hi, first, rows, M, S, vkq, kf, vf, acc):
+    """ggml_compute_forward_flash_attn_ext_f16_one_chunk for the query rows `rows` ((s, h, iq) triples)
+    sharing one K/V head, over KV entries lo..hi: online softmax with the V accumulator kept in F16
+    (ggml_vec_scale_f16 / ggml_vec_mad_f16), sinks on the first chunk. Leaves (M, S, VKQ32) per row.
+    Each K/V row is converted to float32 once for all the rows of the group."""
+    R, DV = vkq.shape
     m3, m2 = mask.shape[0], mask.shape[1]
+    for r in range(R):
+        M[r], S[r] = -np.inf, 0
+        vkq[r, :] = 0
+    for ic in range(lo, hi):
+        loaded = False
+        for r in range(R):
+            s, h, iq = rows[r, 0], rows[r, 1], rows[r, 2]
+            mv = np.float32(0)
+            if m3 > 0:
+                mv = slopes[h] * mask[s % m3, h % m2, iq, ic]
+                if mv == -np.inf:
+                    continue
+            if not loaded:
+                for d in range(kf.size):
+                    kf[d] = f16_bits_f32(kb[ic, d])
+                for d in range(DV):
+                    vf[d] = f16_bits_f32(vb[ic, d])
+                loaded = True
+            x = _dot_f16(kf, q[s, h, iq], acc) * scale
+            if softcap != 0:
+                x = softcap * np.float32(math.tanh(x))
+            x = x + mv
+            ms, vs = np.float32(1), np.float32(1)
+            out = vkq[r]
+            if x > M[r]:
+                ms = np.float32(math.exp(M[r] - x))
+                M[r] = x
+                for d in range(DV):
+                    out[d] = f16_round(out[d] * ms)
+            else:
+                vs = np.float32(math.exp(x - M[r]))
+            for d in range(DV):
+                out[d] = f16_round(fma32(vf[d], vs, out[d]))
+            S[r] = fma32(S[r], ms, vs)
+    if first and sinks.size:
+        for r in range(R):
+            sk = sinks[rows[r, 1]]
+            ms, vs = np.float32(1), np.float32(1)
+            if sk > M[r]:
+                ms = np.float32(math.exp(M[r] - sk))
+                M[r] = sk
+                for d in range(DV):
+                    vkq[r, d] = vkq[r, d] * ms
+            else:
+                vs = np.float32(math.exp(sk - M[r]))
+            S[r] = fma32(S[r], ms, vs)
+
+
+def _fa_f16_rows(q, kb, vb, mask, slopes, sinks, scale, softcap, chunk, lo_hi, out):  # numba
+    """FLASH_ATTN_EXT for F16 K/V on ggml's row path, K/V head by K/V head; KV ranges of `chunk` entries
+    are merged as ggml_flash_attn_ext_reduce_partials does (its split-KV decode path)."""
+    S_, H, NQ, D = q.shape
+    sk, hk, n_kv, DV = vb.shape[0], vb.shape[1], vb.shape[2], vb.shape[3]
+    r3, r2 = S_ // sk, H // hk
+    R = r3 * r2 * NQ
+    rows = np.empty((R, 3), np.int64)
+    M, Sm = np.empty(R, np.float32), np.empty(R, np.float32)
+    vkq, fin = np.empty((R, DV), np.float32), np.zeros((R, DV), np.float32)
+    mfin, sfin = np.empty(R, np.float32), np.empty(R, np.float32)
+    kf, vf, acc = np.empty(D, np.float32), np.empty(DV, np.float32), np.empty(32, np.float32)
     n_chunks = (n_kv + chunk - 1) // chunk
-    acc = np.zeros((4, 8), np.float32)
-    vkq, tmp, fin = np.zeros(DV, np.float32), np.zeros(DV, np.float32), np.zeros(DV, np.float32)
-    no_mask = np.zeros(0, np.float32)
-    for s in range(S):
-        for h in range(H):
-            krows = kb[s // (S // kb.shape[0]), h // (H // kb.shape[1])]
-            vrows = vb[s // (S // vb.shape[0]), h // (H // vb.shape[1])]
-            for iq in range(NQ):
-                mrow = mask[s % m3, h % m2, iq] if m3 > 0 else no_mask
-                m_fin, s_fin = np.float32(-np.inf), np.float32(0)
-                fin[:] = 0
-                for c in range(n_chunks):
-                    m_run, s_run = _fa_f16_chunk(q[s, h, iq], krows, vrows, lut, mrow, slopes[h], scale, softcap,
-                                                 c * chunk, min(n_kv, (c + 1) * chunk), vkq, tmp, acc)
-                    if sinks.size and c == 0:
-                        m_run, s_run = _fa_add_sink(sinks[h], m_run, s_run, vkq)
+    for a in range(sk):
+        for b in range(hk):
+            r = 0
+            for s in range(a * r3, (a + 1) * r3):
+                for h in range(b * r2, (b + 1) * r2):
+                    for iq in range(NQ):
+                        rows[r, 0], rows[r, 1], rows[r, 2] = s, h, iq
+                        r += 1
+            mfin[:] = -np.inf
+            sfin[:] = 0
+            fin[:, :] = 0
+            for c in range(n_chunks):
+                lo, hi = max(c * chunk, lo_hi[0]), min(n_kv, (c + 1) * chunk, lo_hi[1])
+                _fa_f16_group(q, kb[a, b], vb[a, b], mask, slopes, sinks, scale, softcap, lo, hi, c == 0,
+                              rows, M, Sm, vkq, kf, vf, acc)
+                for r in range(R):
+                    s, h, iq = rows[r, 0], rows[r, 1], rows[r, 2]
                     if n_chunks == 1:
-                        inv = np.float32(0) if s_run == 0 else np.float32(1) / s_run
+                        inv = np.float32(0) if Sm[r] == 0 else np.float32(1) / Sm[r]
                         for d in range(DV):
-                            out[s, h, iq, d] = vkq[d] * inv
-                    elif s_run != 0:          # ggml_flash_attn_ext_reduce_partials
-                        m_new = max(m_fin, m_run)
-                        so, sn = np.float32(math.exp(m_fin - m_new)), np.float32(math.exp(m_run - m_new))
+                            out[s, h, iq, d] = vkq[r, d] * inv
+                    elif Sm[r] != 0:
+                        m_new = max(mfin[r], M[r])
+                        so, sn = np.float32(math.exp(mfin[r] - m_new)), np.float32(math.exp(M[r] - m_new))
                         for d in range(DV):
-                            fin[d] = np.float32(np.float64(fin[d]) * so + np.float32(vkq[d] * sn))
-                        s_fin = np.float32(np.float64(s_fin) * so + np.float32(s_run * sn))
-                        m_fin = m_new
-                if n_chunks > 1:
-                    inv = np.float32(1) / s_fin if s_fin != 0 else np.float32(1)
+                            fin[r, d] = fma32(fin[r, d], so, vkq[r, d] * sn)
+                        sfin[r] = fma32(sfin[r], so, Sm[r] * sn)
+                        mfin[r] = m_new
+            if n_chunks > 1:
+                for r in range(R):
+                    s, h, iq = rows[r, 0], rows[r, 1], rows[r, 2]
+                    inv = np.float32(1) / sfin[r] if sfin[r] != 0 else np.float32(1)
                     for d in range(DV):
-                        out[s, h, iq, d] = fin[d] * inv
+                        out[s, h, iq, d] = fin[r, d] * inv
 
 
 @functools.cache
-def _f16_kernels() -> tuple[Callable[..., None], np.ndarray]:
-    """The numba kernel that replays ggml's flash-attention row path for F16 K/V (compiled once)."""
-    njit_in_place(globals(), "_round_f16", "_dot_f16", "_fa_f16_chunk", "_fa_add_sink", "_fa_f16_rows")
-    return globals()["_fa_f16_rows"], f16_table()
+def _f16_kernel() -> Callable[..., None]:
+    """The numba kernel replaying ggml's flash-attention row path for F16 K/V (compiled once)."""
+    from . import ggml_math
+    globals().update(fma32=ggml_math.fma32, f16_round=ggml_math.f16_round, f16_bits_f32=ggml_math.f16_bits_f32)
+    njit_in_place(globals(), "_dot_f16", "_fa_f16_group", "_fa_f16_rows")
+    return globals()["_fa_f16_rows"]
 
 
 def f16_accumulator_kernel(node: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                            sinks: Tensor | None) -> Kernel:
     """FLASH_ATTN_EXT for F16 K/V on ggml's row path, replayed exactly (see the module docstring)."""
-    rows, lut = _f16_kernels()
+    rows = _f16_kernel()
     _, n_q, H, S = q.ne
     n_kv = k.ne[1]
     scale, max_bias, softcap = F32(node.param_f32(0)), float(node.param_f32(1)), F32(node.param_f32(2))
@@ -414,9 +452,14 @@ def f16_accumulator_kernel(node: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: 
     read_mask = mask_reader(mask, n_q) if mask is not None else (lambda: np.zeros((0, 0, 0, 0), F32))
     sink_v = view(sinks)[0, 0, 0, :H] if sinks is not None else np.zeros(0, F32)
     split = n_q == 1 and S == 1 and n_kv >= FA_SPLIT_KV
-    chunk = -(-n_kv // max(1, GGML_THREADS)) if split else max(n_kv, 1)
+    chunk = -(-n_kv // max(1, ggml_threads())) if split else max(n_kv, 1)
 
     def kernel() -> None:
         q16 = qv.astype(np.float16).astype(F32)
-        rows(q16, kb, vb, lut, read_mask(), slopes, sink_v, scale, softcap, chunk, out)
+        m = read_mask()
+        lo_hi = np.array([0, n_kv], np.int64)
+        if m.size:   # entries every query row masks out change nothing in ggml's loop: skip them
+            live = np.flatnonzero((m != -np.inf).any(axis=(0, 1, 2)))
+            lo_hi[:] = (live[0], live[-1] + 1) if live.size else (0, 0)
+        rows(q16, kb, vb, m, slopes, sink_v, scale, softcap, chunk, lo_hi, out)
     return kernel

@@ -253,9 +253,27 @@ _SQRT_2_INV = F32(0.70710678118654752440084436210484)
 
 
 def libm(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """A float32 libm function (expf, tanhf, ...) as glibc computes it: correctly rounded, which
-    numpy's float32 SIMD versions are not; evaluated in double and rounded once."""
-    return lambda x: fn(np.asarray(x, dtype=np.float64)).astype(F32)
+    """A float32 libm function (expf, tanhf, ...) exactly as glibc computes it, which is what ggml's scalar
+    code calls: numba's float32 math functions call glibc (numpy's float32 SIMD versions differ, and so
+    does rounding the double result: tanhf in ~5% of cases)."""
+    name = fn.__name__
+
+    def call(x: np.ndarray) -> np.ndarray:
+        return _glibc_ufunc(name)(np.asarray(x, dtype=F32))
+    return call
+
+
+# scalar float32 -> float32 bodies for numba.vectorize (numba lowers float32 math.* to glibc's f-functions)
+_GLIBC: dict[str, Callable[[float], float]] = {
+    "exp": lambda x: math.exp(x), "log": lambda x: math.log(x), "tanh": lambda x: math.tanh(x),
+    "sin": lambda x: math.sin(x), "cos": lambda x: math.cos(x), "expm1": lambda x: math.expm1(x),
+}
+
+
+@functools.cache
+def _glibc_ufunc(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    import numba
+    return numba.vectorize(["float32(float32)"])(_GLIBC[name])
 
 
 exp32, log32, tanh32 = libm(np.exp), libm(np.log), libm(np.tanh)
@@ -320,9 +338,50 @@ def gelu_erf(x: np.ndarray) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """x/(1+exp(-x)) with numpy's float32 exp: ggml's F32 kernels use a SIMD expf of similar accuracy."""
-    with np.errstate(over="ignore"):
-        return x / (F32(1) + np.exp(-x))
+    """ggml_vec_silu_f32 row by row: its AVX2 expf in blocks of 8 lanes, glibc's expf for a row's tail."""
+    out = np.empty(x.shape, F32)
+    _silu_rows()(np.asarray(x, F32), out)
+    return out
+
+
+def swiglu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ggml_vec_swiglu_f32 row by row (silu as above, times the gate)."""
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape), F32)
+    _swiglu_rows()(np.asarray(a, F32), np.asarray(b, F32), out)
+    return out
+
+
+silu_row = swiglu_row = None   # ggml_math's jitted row kernels, bound before the callers compile
+
+
+def _silu_rows_impl(x: np.ndarray, y: np.ndarray) -> None:  # numba
+    n3, n2, n1, _ = x.shape
+    for i3 in range(n3):
+        for i2 in range(n2):
+            for i1 in range(n1):
+                silu_row(x[i3, i2, i1], y[i3, i2, i1])
+
+
+def _swiglu_rows_impl(a: np.ndarray, b: np.ndarray, y: np.ndarray) -> None:  # numba
+    n3, n2, n1, _ = a.shape
+    for i3 in range(n3):
+        for i2 in range(n2):
+            for i1 in range(n1):
+                swiglu_row(a[i3, i2, i1], b[i3, i2, i1], y[i3, i2, i1])
+
+
+@functools.cache
+def _silu_rows() -> Callable[[np.ndarray, np.ndarray], None]:
+    from . import ggml_math
+    globals()["silu_row"] = ggml_math.compiled()["silu_row"]
+    return ggml_math.jit(_silu_rows_impl)
+
+
+@functools.cache
+def _swiglu_rows() -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    from . import ggml_math
+    globals()["swiglu_row"] = ggml_math.compiled()["swiglu_row"]
+    return ggml_math.jit(_swiglu_rows_impl)
 
 
 def silu_libm(x: np.ndarray) -> np.ndarray:
@@ -429,7 +488,7 @@ def _glu_fn(node: Tensor, op: int, kind: GGMLType) -> Callable[[np.ndarray, np.n
     fns: dict[int, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
         GluOp.REGLU: lambda a, b: np.where(a > 0, a * b, zero),
         GluOp.GEGLU: geglu,
-        GluOp.SWIGLU: (lambda a, b: silu(a) * b) if kind == GGMLType.F32 else (lambda a, b: silu_libm(a) * b),
+        GluOp.SWIGLU: swiglu if kind == GGMLType.F32 else (lambda a, b: silu_libm(a) * b),
         GluOp.SWIGLU_OAI: swiglu_oai,
         GluOp.GEGLU_ERF: lambda a, b: gelu_erf(a) * b,
         GluOp.GEGLU_QUICK: geglu_quick,

@@ -2,7 +2,7 @@
 
 Numerics follow ggml's CPU kernel: the angle of pair k is built by repeated float32 multiplication
 (p, p*s, (p*s)*s, ...) exactly as its cache loop does, YaRN ramps and magnitudes are float32, cos/sin are
-correctly rounded and the rotation uses fused multiply-adds like ggml's build. All positions and heads are
+glibc's cosf/sinf (not correctly rounded: ~1% of angles differ by an ulp from the exact value) and the rotation uses fused multiply-adds like ggml's build. All positions and heads are
 rotated in a handful of numpy calls.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, RopeMode
 from . import Kernel, register
 from .common import require, view
-from .elementwise import f32_source, f32_store, njit_in_place
+from .elementwise import f32_source, f32_store, libm, njit_in_place
 
 F32 = np.float32
 F64 = np.float64
@@ -145,11 +145,12 @@ class _Rope:
             theta = fma(interp, F32(1) - self.ramp_mix, theta * self.ramp_mix)   # contracted as in ggml
         else:
             theta = interp
-        t64 = theta.astype(F64)
-        return (np.ascontiguousarray(np.cos(t64).astype(F32) * self.mscale),
-                np.ascontiguousarray(np.sin(t64).astype(F32) * self.mscale))
+        theta = np.ascontiguousarray(theta, dtype=F32)
+        return (np.ascontiguousarray(cos32(theta) * self.mscale),
+                np.ascontiguousarray(sin32(theta) * self.mscale))
 
 
+cos32, sin32 = libm(np.cos), libm(np.sin)   # glibc's cosf/sinf, as ggml's rope_yarn calls them
 _TABLES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 _TABLES_BYTES = 64 << 20   # long prompts make big tables: keep the shared cache bounded
 
