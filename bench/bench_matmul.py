@@ -1,7 +1,8 @@
 """MUL_MAT throughput on the Gemma 3 270M Q4_K_M weight shapes: numba kernels vs the numpy reference
 and vs real ggml (the peer's libggml-cpu computing the same MUL_MAT on the same data).
 
-    python bench/bench_matmul.py [--threads 2] [--n 1 64] [--no-ref] [--no-ggml]
+    python bench/bench_matmul.py [--threads 2] [--n 1 64] [--no-ref] [--no-ggml] [--ggml-lib-dir DIR]
+    python bench/bench_matmul.py --threads 2 --decode-sim 30   # one decode step's matmuls in model order
 
 Reports ms per call (best of ~1 s), GFLOP/s (2*M*K*N) and GB/s of weight bytes read, for random valid
 blocks. ggml runs with a plan made once (its threads still start per call without a threadpool).

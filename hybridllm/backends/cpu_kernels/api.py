@@ -1,4 +1,4 @@
-"""Entry point of the numba matmul for the op builders, and its threads.
+"""Entry point of the numba matmul for the op builders.
 
     bind = get_matmul(GGMLType.Q8_0, GGMLType.F32)   # None if no fast kernel for the pair
     run = bind(abuf, nb01, M, K, goff, gcols, colb, colo, bbuf, boff, out)

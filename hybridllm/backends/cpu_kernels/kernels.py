@@ -3,16 +3,18 @@
 """Matmul kernels: dst columns = weight rows (kept quantized) dotted with prepared activation rows.
 
 One generic kernel per family, specialized per weight type through a literal `fmt`:
-* `q32`: 32-element block types (vec_dot Q8_0/Q8_1): per block an integer dot (vpmaddwd) scaled by
-  d_a*d_b into 16 float lanes, plus m_a*s_b for Q4_1/Q5_1; one horizontal sum per output.
+* `q32`: 32-element block types (vec_dot Q8_0/Q8_1): integer dots of block pairs against the int8
+  activations (vpdpbusd / vpmaddubsw, decode.py; int16 vpmaddwd per block where those are missing)
+  scaled by d_a*d_b into 16 float lanes, plus m_a*s_b for Q4_1/Q5_1; one horizontal sum per output.
 * `k`: 256-element super-blocks (vec_dot Q8_K): per super-block the integer sum of sub-block
-  scale * dot (exact, as ggml), scaled by d_a*d_b; mins through the activation's bsums.
+  scale * dot (exact, as ggml; decode_k.py), scaled by d_a*d_b; mins through the activation's bsums.
 * `f`: F32/F16/BF16 weights against float32 activations (already rounded to the vec_dot type).
+Integer sums are exact, so results differ from ggml only by float32 summation order (~1e-7).
 
 Work layout shared by all: output columns are grouped so that a group shares one weight matrix
 (`goff[g]`: its byte offset in `abuf`; columns gcols[g]:gcols[g+1]); column i reads prepared
 activation row `colb[i]` and writes M floats at `out[colo[i]:]`. Work items = (group, row chunk);
-threads (api.py) take items from a shared atomic counter (`*_drain`, GIL released); inside an item,
+threads (threads.py) take items from a shared atomic counter (`*_drain`, GIL released); inside an item,
 columns go in tiles of 4 so each weight block is decoded once per 4 columns.
 """
 from __future__ import annotations
