@@ -9,7 +9,9 @@ gemma3-270m and on the synthetic models). Each test below pins one root cause fo
 * scalar libm ops (EXP, SIGMOID, TANH, GELU's tanh table, ...): glibc's float functions, not numpy's
   float32 SIMD versions nor the correctly rounded double result;
 * FLASH_ATTN_EXT with an F16 K/V cache and < 64 queries: ggml keeps the V accumulator in F16; the
-  default path replays that loop (its F16 dot product order, expf, F16 rounding per step).
+  default path replays that loop (its F16 dot product order, expf, F16 rounding per step);
+* FLASH_ATTN_EXT with >= 64 queries: ggml's tiled kernel (64-entry KV tiles, sequential FMA chains,
+  per-tile softmax with its AVX2 expf) differs from exact float32 attention by ~1e-7; replayed too.
 """
 from __future__ import annotations
 
@@ -90,10 +92,10 @@ def test_libm_unary_ops_and_gelu_tables(g, rng):
     assert_bitexact(g.run(*outs, n_threads=2), *outs)
 
 
-def _fa(g, rng, D, Dv, n_q, n_kv, H, H_kv, S, *, visible=None, full_mask_row=False):
+def _fa(g, rng, D, Dv, n_q, n_kv, H, H_kv, S, *, visible=None, full_mask_row=False, kv_type=T.F16):
     q = g.new(T.F32, (D, H, n_q, S), rng.standard_normal(D * H * n_q * S))
-    kc = g.new(T.F16, (D, H_kv, n_kv, S), rng.standard_normal(D * H_kv * n_kv * S))
-    vc = g.new(T.F16, (Dv, H_kv, n_kv, S), rng.standard_normal(Dv * H_kv * n_kv * S))
+    kc = g.new(kv_type, (D, H_kv, n_kv, S), rng.standard_normal(D * H_kv * n_kv * S))
+    vc = g.new(kv_type, (Dv, H_kv, n_kv, S), rng.standard_normal(Dv * H_kv * n_kv * S))
     mv = np.where(rng.random((S, 1, n_q, n_kv)) < 0.2, -np.inf, 0.0)
     if visible is not None:        # causal with a padded, never visible tail
         mv[:] = np.where(np.arange(n_kv)[None, :] <= visible - n_q + np.arange(n_q)[:, None], 0.0, -np.inf)
@@ -131,3 +133,20 @@ def test_flash_attn_split_kv_decode_follows_thread_count(g, rng, monkeypatch):
     out = g.flash_attn_ext(q, k, v, m, 0.125, 0.0, 0.0)
     g.flash_attn_ext_add_sinks(out, g.new(T.F32, (4,), rng.standard_normal(4)))
     assert_bitexact(g.run(out, n_threads=3), out)
+
+
+def test_flash_attn_tiled_kernel_for_long_prompts(g, rng):
+    """>= 64 queries: ggml's tiled kernel (F16 and F32 caches), with a causal mask over a partly visible
+    cache, ALiBi, softcap, sinks, two sequences, no mask, odd head sizes and a fully masked row."""
+    outs = []
+    q, k, v, m = _fa(g, rng, 128, 128, 70, 300, 8, 2, 1, visible=150)
+    outs.append(g.flash_attn_ext(q, k, v, m, 0.125, 0.0, 0.0))
+    q, k, v, m = _fa(g, rng, 64, 64, 64, 128, 4, 4, 2, full_mask_row=True)
+    outs += [g.flash_attn_ext(q, k, v, m, 0.2, 4.0, 0.0), g.flash_attn_ext(q, k, v, m, 0.2, 0.0, 20.0),
+             g.flash_attn_ext(q, k, v, None, 0.2, 0.0, 0.0)]
+    sunk = g.flash_attn_ext(q, k, v, m, 0.2, 0.0, 0.0)
+    g.flash_attn_ext_add_sinks(sunk, g.new(T.F32, (4,), rng.standard_normal(4)))
+    outs.append(sunk)
+    q, k, v, m = _fa(g, rng, 80, 48, 65, 100, 2, 1, 1, kv_type=T.F32)
+    outs.append(g.flash_attn_ext(q, k, v, m, 0.3, 0.0, 0.0))
+    assert_bitexact(g.run(*outs, n_threads=2), *outs)

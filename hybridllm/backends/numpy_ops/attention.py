@@ -2,16 +2,15 @@
 
 SOFT_MAX replays ggml's row loop bit for bit (ggml_math: its AVX2 expf, 8-lane partial sums in double).
 
-FLASH_ATTN_EXT has two paths, as ggml does:
-* F16 K/V and fewer than 64 queries (every decode step, short prompts): ggml's row kernel keeps the
-  running V accumulator in F16, which costs it ~1e-3 relative accuracy; `f16_accumulator_kernel` replays
-  it step by step (numba, K/V head by K/V head so each K/V row is converted once for all the query rows
-  that share it), reproducing ggml to the last bit. This is the default because the worker's contract is
-  llama.cpp's numbers: quantized matmuls amplify any difference (see ggml_math). `GGML_F16_ACCUMULATOR =
-  False` (or HYBRIDLLM_FA_F16_ACC=0 at import) selects the exact float32 path below instead.
-* otherwise: exact softmax attention in float32, the queries sharing a K/V head as one matrix (two BLAS
-  matmuls per kv head, GQA and sequence broadcast never copy K/V), only the KV range the mask leaves
-  visible is read; Q is rounded to K's vec_dot type where ggml's row path does that.
+FLASH_ATTN_EXT by default replays ggml's own kernels bit for bit (fa_replay.py): the row kernel for F16
+K/V and < 64 queries, whose running V accumulator is F16 (every decode step, short prompts: ~1e-3 off
+the exact result, which is what llama.cpp computes), and the tiled kernel for >= 64 queries over F32/F16
+K/V. This is the default because the worker's contract is llama.cpp's numbers and quantized matmuls
+amplify any difference (see ggml_math). `GGML_F16_ACCUMULATOR = False` (or HYBRIDLLM_FA_F16_ACC=0 at
+import) selects exact softmax attention in float32 instead, which also serves the other K/V types: the
+queries sharing a K/V head form one matrix (two BLAS matmuls per kv head, GQA and sequence broadcast
+never copy K/V), only the KV range the mask leaves visible is read, and Q is rounded to K's vec_dot type
+where ggml's row kernel does that.
 
 A single decode query over >= 512 KV entries is split by ggml over its threads and merged; the replay
 merges the same chunks for `ggml_threads()` threads (GGML_THREADS, else $HYBRIDLLM_GGML_THREADS, else
@@ -32,7 +31,7 @@ from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, type_name
 from . import Kernel, register
 from .common import bf16_to_f32, f32_to_bf16, require, rows_view, view
-from .elementwise import f16_to_f32, njit_in_place
+from .elementwise import f16_to_f32
 
 F32 = np.float32
 F64 = np.float64
@@ -101,7 +100,7 @@ def build_soft_max(node: Tensor) -> Kernel:
 
 
 # ggml_math's numba intrinsics and row kernels, bound (globals().update) before the kernels below compile
-fma32 = f16_round = f16_bits_f32 = soft_max_row = None
+fma32 = soft_max_row = None
 
 
 def _soft_max_rows(x, y, mask, slopes, sinks, scale, wp):  # numba
@@ -222,8 +221,9 @@ def build_flash_attn_ext(node: Tensor) -> Kernel:
     _, n_q, H, S = q.ne
     n_kv, hk, sk = k.ne[1], k.ne[2], k.ne[3]
     tiled = (k.type == v.type and k.type in (GGMLType.F32, GGMLType.F16) and n_q >= FA_TILE_Q)
-    if GGML_F16_ACCUMULATOR and not tiled and k.type == v.type == GGMLType.F16:
-        return f16_accumulator_kernel(node, q, k, v, mask, sinks)
+    if GGML_F16_ACCUMULATOR and (tiled or k.type == v.type == GGMLType.F16):
+        from .fa_replay import row_kernel, tiled_kernel
+        return (tiled_kernel if tiled else row_kernel)(node, q, k, v, mask, sinks)
     read_q, round_q = view(q), _q_rounder(k, tiled)
     read_mask = mask_reader(mask, n_q) if mask is not None else None
     attend = _attend(node, H, S, hk, sk, _kv_reader(k), _kv_reader(v), sinks)
@@ -301,165 +301,3 @@ def _mask_layout(mask: np.ndarray, shape: tuple[int, int, int, int], sk: int, hk
         return mask[0, 0].T.reshape(1, 1, 1, n, 1, n_q)
     full = np.broadcast_to(_bcast(mask, shape), shape)
     return _split_heads(full, sk, hk).transpose(0, 1, 2, 5, 3, 4)
-
-
-# --- ggml's row path for F16 K/V, bit for bit -------------------------------------------------------
-
-def _dot_f16(kf, q, acc):  # numba
-    """ggml_vec_dot_f16 on AVX2 (K row and F16-rounded Q as float32): 4 accumulators of 8 lanes over
-    blocks of 32 (lane t of the 32 sums k[32b+t]*q[32b+t] in block order; products of two F16 values are
-    exact in float32, so this equals ggml's FMAs), its lane reduction order, leftovers added in double."""
-    n = q.size
-    n32 = n - n % 32
-    for t in range(32):
-        acc[t] = kf[t] * q[t] if n32 else np.float32(0)
-    for i in range(32, n32, 32):
-        for t in range(32):
-            acc[t] += kf[i + t] * q[i + t]
-    for t in range(8):
-        acc[t] = (acc[t] + acc[16 + t]) + (acc[8 + t] + acc[24 + t])
-    total = np.float64(((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])))
-    for t in range(n32, n):
-        total += np.float64(kf[t] * q[t])
-    return np.float32(total)
-
-
-def _fa_f16_group(q, kb, vb, mask, slopes, sinks, scale, softcap, lo, hi, first, rows, M, S, vkq, kf, vf, acc):
-    """ggml_compute_forward_flash_attn_ext_f16_one_chunk for the query rows `rows` ((s, h, iq) triples)
-    sharing one K/V head, over KV entries lo..hi: online softmax with the V accumulator kept in F16
-    (ggml_vec_scale_f16 / ggml_vec_mad_f16), sinks on the first chunk. Leaves (M, S, VKQ32) per row.
-    Each K/V row is converted to float32 once for all the rows of the group."""
-    R, DV = vkq.shape
-    m3, m2 = mask.shape[0], mask.shape[1]
-    for r in range(R):
-        M[r], S[r] = -np.inf, 0
-        vkq[r, :] = 0
-    for ic in range(lo, hi):
-        loaded = False
-        for r in range(R):
-            s, h, iq = rows[r, 0], rows[r, 1], rows[r, 2]
-            mv = np.float32(0)
-            if m3 > 0:
-                mv = slopes[h] * mask[s % m3, h % m2, iq, ic]
-                if mv == -np.inf:
-                    continue
-            if not loaded:
-                for d in range(kf.size):
-                    kf[d] = f16_bits_f32(kb[ic, d])
-                for d in range(DV):
-                    vf[d] = f16_bits_f32(vb[ic, d])
-                loaded = True
-            x = _dot_f16(kf, q[s, h, iq], acc) * scale
-            if softcap != 0:
-                x = softcap * np.float32(math.tanh(x))
-            x = x + mv
-            ms, vs = np.float32(1), np.float32(1)
-            out = vkq[r]
-            if x > M[r]:
-                ms = np.float32(math.exp(M[r] - x))
-                M[r] = x
-                for d in range(DV):
-                    out[d] = f16_round(out[d] * ms)
-            else:
-                vs = np.float32(math.exp(x - M[r]))
-            for d in range(DV):
-                out[d] = f16_round(fma32(vf[d], vs, out[d]))
-            S[r] = fma32(S[r], ms, vs)
-    if first and sinks.size:
-        for r in range(R):
-            sk = sinks[rows[r, 1]]
-            ms, vs = np.float32(1), np.float32(1)
-            if sk > M[r]:
-                ms = np.float32(math.exp(M[r] - sk))
-                M[r] = sk
-                for d in range(DV):
-                    vkq[r, d] = vkq[r, d] * ms
-            else:
-                vs = np.float32(math.exp(sk - M[r]))
-            S[r] = fma32(S[r], ms, vs)
-
-
-def _fa_f16_rows(q, kb, vb, mask, slopes, sinks, scale, softcap, chunk, lo_hi, out):  # numba
-    """FLASH_ATTN_EXT for F16 K/V on ggml's row path, K/V head by K/V head; KV ranges of `chunk` entries
-    are merged as ggml_flash_attn_ext_reduce_partials does (its split-KV decode path)."""
-    S_, H, NQ, D = q.shape
-    sk, hk, n_kv, DV = vb.shape[0], vb.shape[1], vb.shape[2], vb.shape[3]
-    r3, r2 = S_ // sk, H // hk
-    R = r3 * r2 * NQ
-    rows = np.empty((R, 3), np.int64)
-    M, Sm = np.empty(R, np.float32), np.empty(R, np.float32)
-    vkq, fin = np.empty((R, DV), np.float32), np.zeros((R, DV), np.float32)
-    mfin, sfin = np.empty(R, np.float32), np.empty(R, np.float32)
-    kf, vf, acc = np.empty(D, np.float32), np.empty(DV, np.float32), np.empty(32, np.float32)
-    n_chunks = (n_kv + chunk - 1) // chunk
-    for a in range(sk):
-        for b in range(hk):
-            r = 0
-            for s in range(a * r3, (a + 1) * r3):
-                for h in range(b * r2, (b + 1) * r2):
-                    for iq in range(NQ):
-                        rows[r, 0], rows[r, 1], rows[r, 2] = s, h, iq
-                        r += 1
-            mfin[:] = -np.inf
-            sfin[:] = 0
-            fin[:, :] = 0
-            for c in range(n_chunks):
-                lo, hi = max(c * chunk, lo_hi[0]), min(n_kv, (c + 1) * chunk, lo_hi[1])
-                _fa_f16_group(q, kb[a, b], vb[a, b], mask, slopes, sinks, scale, softcap, lo, hi, c == 0,
-                              rows, M, Sm, vkq, kf, vf, acc)
-                for r in range(R):
-                    s, h, iq = rows[r, 0], rows[r, 1], rows[r, 2]
-                    if n_chunks == 1:
-                        inv = np.float32(0) if Sm[r] == 0 else np.float32(1) / Sm[r]
-                        for d in range(DV):
-                            out[s, h, iq, d] = vkq[r, d] * inv
-                    elif Sm[r] != 0:
-                        m_new = max(mfin[r], M[r])
-                        so, sn = np.float32(math.exp(mfin[r] - m_new)), np.float32(math.exp(M[r] - m_new))
-                        for d in range(DV):
-                            fin[r, d] = fma32(fin[r, d], so, vkq[r, d] * sn)
-                        sfin[r] = fma32(sfin[r], so, Sm[r] * sn)
-                        mfin[r] = m_new
-            if n_chunks > 1:
-                for r in range(R):
-                    s, h, iq = rows[r, 0], rows[r, 1], rows[r, 2]
-                    inv = np.float32(1) / sfin[r] if sfin[r] != 0 else np.float32(1)
-                    for d in range(DV):
-                        out[s, h, iq, d] = fin[r, d] * inv
-
-
-@functools.cache
-def _f16_kernel() -> Callable[..., None]:
-    """The numba kernel replaying ggml's flash-attention row path for F16 K/V (compiled once)."""
-    from . import ggml_math
-    globals().update(fma32=ggml_math.fma32, f16_round=ggml_math.f16_round, f16_bits_f32=ggml_math.f16_bits_f32)
-    njit_in_place(globals(), "_dot_f16", "_fa_f16_group", "_fa_f16_rows")
-    return globals()["_fa_f16_rows"]
-
-
-def f16_accumulator_kernel(node: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                           sinks: Tensor | None) -> Kernel:
-    """FLASH_ATTN_EXT for F16 K/V on ggml's row path, replayed exactly (see the module docstring)."""
-    rows = _f16_kernel()
-    _, n_q, H, S = q.ne
-    n_kv = k.ne[1]
-    scale, max_bias, softcap = F32(node.param_f32(0)), float(node.param_f32(1)), F32(node.param_f32(2))
-    if softcap != 0:
-        scale = F32(scale / softcap)
-    qv, out = view(q), view(node).transpose(0, 2, 1, 3)
-    kb, vb = view(k).view(np.uint16), view(v).view(np.uint16)
-    slopes = alibi_slopes(H, max_bias)
-    read_mask = mask_reader(mask, n_q) if mask is not None else (lambda: np.zeros((0, 0, 0, 0), F32))
-    sink_v = view(sinks)[0, 0, 0, :H] if sinks is not None else np.zeros(0, F32)
-    split = n_q == 1 and S == 1 and n_kv >= FA_SPLIT_KV
-    chunk = -(-n_kv // max(1, ggml_threads())) if split else max(n_kv, 1)
-
-    def kernel() -> None:
-        q16 = qv.astype(np.float16).astype(F32)
-        m = read_mask()
-        lo_hi = np.array([0, n_kv], np.int64)
-        if m.size:   # entries every query row masks out change nothing in ggml's loop: skip them
-            live = np.flatnonzero((m != -np.inf).any(axis=(0, 1, 2)))
-            lo_hi[:] = (live[0], live[-1] + 1) if live.size else (0, 0)
-        rows(q16, kb, vb, m, slopes, sink_v, scale, softcap, chunk, lo_hi, out)
-    return kernel
