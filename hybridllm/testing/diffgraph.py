@@ -9,9 +9,12 @@
      bytes are still intact at k (the master's allocator reuses memory, so a node is read before the
      first later node that overwrites it); inputs are re-sent before each prefix;
    * local (`local=True`): each node alone on the candidate after writing the reference's values of its
-     sources, so an op's own error is separated from the error it inherits.
+     sources, so an op's own error is separated from the error it inherits;
+   * oracle (`oracle=("MUL_MAT",)`): the candidate runs node by node but takes those ops' results from
+     the reference; an exact last node proves every other op exact on this graph.
 
-    python -m hybridllm.testing.diffgraph MODEL --steps 0,1 [--flash-attn on] [--local] [--env K=V]
+    python -m hybridllm.testing.diffgraph MODEL --steps 0,1 [--flash-attn on] [--local] [--oracle MUL_MAT]
+        [--recording FILE] [--env K=V] [--dump]
 """
 from __future__ import annotations
 
@@ -452,7 +455,9 @@ class DiffSession:
 
     def local_values(self, graph: P.GraphComputeReq, nodes: list[NodeInfo], by_id: dict[int, P.RpcTensor],
                      ref_raw: dict[int, bytes]) -> dict[int, bytes]:
-        """Each computed node alone on the candidate, its node sources holding the reference's bytes."""
+        """Each computed node alone on the candidate, its node sources holding the reference's bytes.
+        In-place writes into persistent state (SET_ROWS/CPY into the KV cache views) are compared over the
+        whole view, so their local error also counts cache rows written by earlier steps."""
         index = {n.t.id: n.index for n in nodes}
         out: dict[int, bytes] = {}
         for n in nodes:
