@@ -122,40 +122,27 @@ HL_DEV void mma_store(const MmaStage<BN>& st, u16* As, u16* Bs) {
     }
 }
 
-// grid (ceil(M / 128), ceil(N / BN), ne12 * ne13), block 256. bvec: B rows 16-byte aligned (float4 loads).
+// The 128 x BN tile of A rows from `arow` (this thread's loader row) times the B columns `bcols` (this
+// thread's loader columns) over all of K, into acc (fragment layout of mma_16816).
 template <class T, int BN>
-HL_DEV void mul_mat_mma(const u8* A, const u8* B, u8* D, int K, int M, int N, i64 nb01, i64 nb02, i64 nb03,
-                        i64 nb11, i64 nb12, i64 nb13, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3,
-                        int bvec) {
-    constexpr int WN = BN / 2, NT = WN / 8, BG = MmaStage<BN>::BG;
-    __shared__ __align__(16) u16 As[2][MMA_BM * MMA_LDS];
-    __shared__ __align__(16) u16 Bs[2][BN * MMA_LDS];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
-    const int bm = blockIdx.x * MMA_BM, bn = blockIdx.y * BN;
-    const int i12 = blockIdx.z % ne12, i13 = blockIdx.z / ne12;
-    const u8* arow = bm + (tid >> 1) < M ? A + (bm + (tid >> 1)) * nb01 + (i12 / r2) * nb02 + (i13 / r3) * nb03 : nullptr;
-    const u8* bcols[BG];
-#pragma unroll
-    for (int i = 0; i < BG; i++) {
-        const int n = bn + ((tid + 256 * i) >> 2);
-        bcols[i] = n < N ? B + n * nb11 + i12 * nb12 + i13 * nb13 : nullptr;
-    }
-    float acc[2][NT][4];
+HL_DEV void mma_tile(const u8* arow, const u8* const* bcols, int K, bool bvec, u16 (*As)[MMA_BM * MMA_LDS],
+                     u16 (*Bs)[BN * MMA_LDS], float (*acc)[BN / 16][4]) {
+    constexpr int WN = BN / 2, NT = WN / 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
-
     MmaStage<BN> st;
-    mma_load<T, BN>(st, arow, bcols, 0, K, bvec != 0);
+    mma_load<T, BN>(st, arow, bcols, 0, K, bvec);
     mma_store<BN>(st, As[0], Bs[0]);
     __syncthreads();
     int buf = 0;
     for (int k0 = 0; k0 < K; k0 += MMA_BK) {
         const bool more = k0 + MMA_BK < K;
-        if (more) mma_load<T, BN>(st, arow, bcols, k0 + MMA_BK, K, bvec != 0);  // in flight during the math
+        if (more) mma_load<T, BN>(st, arow, bcols, k0 + MMA_BK, K, bvec);  // in flight during the math
         const u16* as = As[buf];
         const u16* bs = Bs[buf];
 #pragma unroll
@@ -184,19 +171,87 @@ HL_DEV void mul_mat_mma(const u8* A, const u8* B, u8* D, int K, int M, int N, i6
             buf ^= 1;
         }
     }
+}
+
+// Row m (within the tile) and column n of fragment value c of acc[i][j].
+HL_DEV int frag_row(int i, int c) { return ((threadIdx.x >> 5) >> 1) * 32 + i * 16 + ((threadIdx.x & 31) >> 2) + 8 * (c >> 1); }
+template <int BN>
+HL_DEV int frag_col(int j, int c) { return ((threadIdx.x >> 5) & 1) * (BN / 2) + j * 8 + 2 * (threadIdx.x & 3) + (c & 1); }
+
+// grid (ceil(M / 128), ceil(N / BN), ne12 * ne13), block 256. bvec: B rows 16-byte aligned (float4 loads).
+template <class T, int BN>
+HL_DEV void mul_mat_mma(const u8* A, const u8* B, u8* D, int K, int M, int N, i64 nb01, i64 nb02, i64 nb03,
+                        i64 nb11, i64 nb12, i64 nb13, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3,
+                        int bvec) {
+    constexpr int NT = BN / 16, BG = MmaStage<BN>::BG;
+    __shared__ __align__(16) u16 As[2][MMA_BM * MMA_LDS];
+    __shared__ __align__(16) u16 Bs[2][BN * MMA_LDS];
+    const int tid = threadIdx.x;
+    const int bm = blockIdx.x * MMA_BM, bn = blockIdx.y * BN;
+    const int i12 = blockIdx.z % ne12, i13 = blockIdx.z / ne12;
+    const u8* arow = bm + (tid >> 1) < M ? A + (bm + (tid >> 1)) * nb01 + (i12 / r2) * nb02 + (i13 / r3) * nb03 : nullptr;
+    const u8* bcols[BG];
+#pragma unroll
+    for (int i = 0; i < BG; i++) {
+        const int n = bn + ((tid + 256 * i) >> 2);
+        bcols[i] = n < N ? B + n * nb11 + i12 * nb12 + i13 * nb13 : nullptr;
+    }
+    float acc[2][NT][4];
+    mma_tile<T, BN>(arow, bcols, K, bvec != 0, As, Bs, acc);
     u8* d = D + i12 * nb2 + i13 * nb3;
-    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < 2; i++)
 #pragma unroll
-        for (int j = 0; j < NT; j++) {
+        for (int j = 0; j < NT; j++)
 #pragma unroll
             for (int c = 0; c < 4; c++) {
-                const int m = bm + wm * 32 + i * 16 + g + 8 * (c >> 1);
-                const int n = bn + wn * WN + j * 8 + 2 * t + (c & 1);
+                const int m = bm + frag_row(i, c), n = bn + frag_col<BN>(j, c);
                 if (m < M && n < N) *(float*)(d + m * 4 + n * nb1) = acc[i][j][c];
             }
+}
+
+// MUL_MAT_ID for many tokens: dst[:, e, t] = A[:, :, ids[e, t]]^T B[:, e % ne11, t], one expert per
+// blockIdx.z, its (slot, token) pairs listed by k_moe_route (pair p = slot + n_used * token), BN of them per
+// tile; tiles blockIdx.y, + gridDim.y, ... up to the expert's count. grid (ceil(M / 128), tiles, n_expert).
+template <class T, int BN>
+HL_DEV void mul_mat_id_mma(const u8* A, const u8* B, u8* D, const i32* counts, const i32* lists, int cap, int K,
+                           int M, int n_used, int ne11, i64 nb01, i64 nb02, i64 nb11, i64 nb12, i64 nb1, i64 nb2,
+                           int bvec) {
+    constexpr int NT = BN / 16, BG = MmaStage<BN>::BG;
+    __shared__ __align__(16) u16 As[2][MMA_BM * MMA_LDS];
+    __shared__ __align__(16) u16 Bs[2][BN * MMA_LDS];
+    const int tid = threadIdx.x, e = blockIdx.z, bm = blockIdx.x * MMA_BM;
+    const int count = counts[e];
+    const i32* list = lists + (i64)e * cap;
+    const u8* arow = bm + (tid >> 1) < M ? A + (bm + (tid >> 1)) * nb01 + e * nb02 : nullptr;
+    for (int tile = blockIdx.y; tile * BN < count; tile += gridDim.y) {
+        const int bn = tile * BN;
+        const u8* bcols[BG];
+#pragma unroll
+        for (int i = 0; i < BG; i++) {
+            const int n = bn + ((tid + 256 * i) >> 2);
+            const int pr = n < count ? list[n] : -1;
+            bcols[i] = pr >= 0 ? B + ((pr % n_used) % ne11) * nb11 + (pr / n_used) * nb12 : nullptr;
         }
+        float acc[2][NT][4];
+        __syncthreads();  // the previous tile's last reads of the shared buffers are done
+        mma_tile<T, BN>(arow, bcols, K, bvec != 0, As, Bs, acc);
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int c2 = 0; c2 < 2; c2++) {
+                const int n = bn + frag_col<BN>(j, c2);
+                if (n >= count) continue;
+                const int pr = list[n];
+                u8* d = D + (pr % n_used) * nb1 + (pr / n_used) * nb2;
+#pragma unroll
+                for (int i = 0; i < 2; i++)
+#pragma unroll
+                    for (int c = c2; c < 4; c += 2) {
+                        const int m = bm + frag_row(i, c);
+                        if (m < M) *(float*)(d + m * 4) = acc[i][j][c];
+                    }
+            }
     }
 }
 
@@ -205,15 +260,46 @@ HL_DEV void mul_mat_mma(const u8* A, const u8* B, u8* D, int K, int M, int N, i6
         i64 nb12, i64 nb13, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3, int bvec
 #define MMA_PASS A, B, D, K, M, N, nb01, nb02, nb03, nb11, nb12, nb13, nb1, nb2, nb3, ne12, r2, r3, bvec
 
+#define MMA_ID_ARGS                                                                                     \
+    const u8 *A, const u8 *B, u8 *D, const i32 *counts, const i32 *lists, int cap, int K, int M, int n_used, \
+        int ne11, i64 nb01, i64 nb02, i64 nb11, i64 nb12, i64 nb1, i64 nb2, int bvec
+#define MMA_ID_PASS A, B, D, counts, lists, cap, K, M, n_used, ne11, nb01, nb02, nb11, nb12, nb1, nb2, bvec
+
 #define HL_MMA_KERNELS(name, T)                                                                         \
     extern "C" __global__ void __launch_bounds__(256, 2) mul_mat_mma_##name(MMA_ARGS) {                 \
         mul_mat_mma<T, 128>(MMA_PASS);                                                                  \
     }                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) mul_mat_mma64_##name(MMA_ARGS) {                  \
         mul_mat_mma<T, 64>(MMA_PASS);                                                                   \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) mul_mat_id_mma_##name(MMA_ID_ARGS) {              \
+        mul_mat_id_mma<T, 64>(MMA_ID_PASS);                                                             \
     }
 
 HL_FOR_EACH_WEIGHT_TYPE(HL_MMA_KERNELS)
+
+// Expert e = blockIdx.x collects its (slot, token) pairs p = slot + n_used * token from ids (n_used x
+// n_tokens, I32) into lists[e * cap ...] and their number into counts[e]; block 256. Out-of-range ids are
+// reported (by block 0) and skipped. The order within a list is arbitrary: each pair is computed alone.
+extern "C" __global__ void __launch_bounds__(256) k_moe_route(const u8* ids, i32* counts, i32* lists, int cap,
+                                                              int n_used, int n_tokens, int n_expert, i64 nbi0,
+                                                              i64 nbi1, int* err, int code) {
+    __shared__ int cnt;
+    if (threadIdx.x == 0) cnt = 0;
+    __syncthreads();
+    const int e = blockIdx.x;
+    for (int p = threadIdx.x; p < n_used * n_tokens; p += blockDim.x) {
+        const int ex = *(const i32*)(ids + (p % n_used) * nbi0 + (p / n_used) * nbi1);
+        if (ex < 0 || ex >= n_expert) {
+            if (e == 0) report_error(err, code);
+        } else if (ex == e) {
+            const int pos = atomicAdd(&cnt, 1);
+            if (pos < cap) lists[(i64)e * cap + pos] = p;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) counts[e] = min(cnt, cap);
+}
 
 #else
 // 64-wide wavefronts: no kernels here (matmul.cu's mul_mat_tile serves), but a module must define one.

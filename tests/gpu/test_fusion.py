@@ -161,15 +161,18 @@ def moe_ffn(T: int, rng, qtype=GGMLType.Q4_K):
     return build
 
 
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T", [1, 3, 12])
 def test_moe_ffn(gpu, T, rng):
+    """Decode batches fuse; 12 tokens take the grouped tensor-core path (where there is one)."""
     build = moe_ffn(T, rng)
-    fused, unfused, (n_fused, _) = run_twice(gpu, build)
-    np.testing.assert_array_equal(fused[1], unfused[1])
-    assert_close(fused[0], unfused[0], rtol=1e-4, atol=1e-4 * np.abs(unfused[0]).max(), what="moe fused vs unfused")
-    # router matvec, softmax, argsort, get_rows, sum_rows, clamp, div, q8 of the input, gate/up/GLU(+q8),
-    # down experts * weights summed + residual
-    assert n_fused == 10, n_fused
+    if T <= 8:
+        fused, unfused, (n_fused, _) = run_twice(gpu, build)
+        np.testing.assert_array_equal(fused[1], unfused[1])
+        assert_close(fused[0], unfused[0], rtol=1e-4, atol=1e-4 * np.abs(unfused[0]).max(),
+                     what="moe fused vs unfused")
+        # router matvec, softmax, argsort, get_rows, sum_rows, clamp, div, q8 of the input, gate/up/GLU(+q8),
+        # down experts * weights summed + residual
+        assert n_fused == 10, n_fused
     (out, out_ref), (order, order_ref) = run_both(gpu, build)
     np.testing.assert_array_equal(order, order_ref)
     assert_close(out, out_ref, rtol=3e-2, atol=3e-2 * np.abs(out_ref).max(), what="moe vs numpy backend")

@@ -60,10 +60,12 @@ def tensor_cores(gpu) -> bool:
     return gpu.rt.warp == 32 and not getattr(gpu.rt, "is_hip", False)
 
 
-def operands(gpu, qtype: int, w: np.ndarray, x: np.ndarray, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+def operands(gpu, qtype: int, w: np.ndarray, x: np.ndarray, n_cols: int,
+             expert_ids: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(weights, activations) as the kernels multiply them, in float64: int8 activations for decode-sized
-    products of the integer types, f16 weights and activations on tensor cores, else exact."""
-    if n_cols <= 8:
+    products of the integer types, f16 weights and activations on tensor cores, else exact. MUL_MAT_ID
+    (expert_ids) without tensor cores keeps the per-pair int8 products at any size."""
+    if n_cols <= 8 or (expert_ids and not tensor_cores(gpu)):
         return w, q8_round(x) if qtype in Q8_PATH else x.astype(np.float64)
     if tensor_cores(gpu):
         return w.astype(np.float16).astype(np.float64), x.astype(np.float16).astype(np.float64)
@@ -102,14 +104,17 @@ def test_mul_mat_batched(gpu, qtype, N, rng):
     mul_mat_case(gpu, qtype, K=K, M=67, N=N, batch=(2, 4), rng=rng)
 
 
-@pytest.mark.parametrize("qtype", [GGMLType.F32, GGMLType.Q4_0, GGMLType.Q4_K], ids=lambda t: TRAITS[t].name)
-@pytest.mark.parametrize("shared_input", [True, False])
-def test_mul_mat_id(gpu, qtype, shared_input, rng):
-    K, M, n_expert, n_used, n_tok = 256, 21, 4, 2, 3
+@pytest.mark.parametrize("qtype,shared_input,n_tok", [
+    (q, s, 3) for q in (GGMLType.F32, GGMLType.Q4_0, GGMLType.Q4_K) for s in (True, False)] + [
+    (GGMLType.Q4_K, True, 20), (GGMLType.F32, False, 20)], ids=lambda v: str(getattr(v, "name", v)))
+def test_mul_mat_id(gpu, qtype, shared_input, n_tok, rng):
+    """Decode batches: q8 matvecs per (slot, token); more tokens: per-expert tensor-core tiles over routed
+    pairs (one expert gets none: ids use 4 of 5 experts)."""
+    K, M, n_expert, n_used = 256, 21 if n_tok < 8 else 140, 5, 2
     raw, wf = weights(qtype, M * n_expert, K, rng)
     ne11 = 1 if shared_input else n_used
     x = rng.standard_normal((n_tok, ne11, K)).astype(np.float32)
-    ids = np.stack([rng.permutation(n_expert)[:n_used] for _ in range(n_tok)]).astype(np.int32)
+    ids = np.stack([rng.permutation(n_expert - 1)[:n_used] for _ in range(n_tok)]).astype(np.int32)
 
     def build(g):
         a = g.tensor(qtype, (K, M, n_expert), raw)
@@ -118,8 +123,8 @@ def test_mul_mat_id(gpu, qtype, shared_input, rng):
         return [g.node(GGMLOp.MUL_MAT_ID, GGMLType.F32, (M, n_used, n_tok), [a, b, i])]
 
     [(got, ref)] = run_both(gpu, build)
-    w3 = wf.reshape(n_expert, M, K)
-    _, xa = operands(gpu, qtype, wf, x, 1)
+    wa, xa = operands(gpu, qtype, wf, x, n_tok, expert_ids=True)
+    w3 = wa.reshape(n_expert, M, K)
     exact = np.zeros((1, n_tok, n_used, M))
     for t in range(n_tok):
         for e in range(n_used):

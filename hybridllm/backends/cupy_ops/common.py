@@ -44,6 +44,7 @@ class BuildCtx:
         self._chunk: tuple[int, int, int] | None = None  # (base pointer, used, size)
         self.q8: dict[tuple[int, int, int], Any] = {}   # storage key -> Q8Buf holding its quantized copy
         self.q8_wanted: set[tuple[int, int, int]] = set()  # storage keys some matmul will read as q8
+        self.routes: dict[int, tuple[int, int, int]] = {}  # id(ids) -> MoE routing lists (counts, lists, cap)
 
     def scratch(self, nbytes: int) -> int:
         """Device memory that lives as long as the plan (bump-allocated from 1 MiB chunks)."""
@@ -77,6 +78,11 @@ class BuildCtx:
     def error_code(self, node: Tensor, what: str) -> np.int32:
         self.checks = True
         return I32(self.backend.error_code(node, what))
+
+
+def mma_ok(ctx: BuildCtx) -> bool:
+    """Tensor-core tiles (kernels/mma.cu): 32-wide warps on CUDA, or the emulator (emulated fragments)."""
+    return ctx.warp == 32 and not getattr(ctx.backend.rt, "is_hip", False)
 
 
 def storage_key(t: Tensor) -> tuple[int, int, int]:

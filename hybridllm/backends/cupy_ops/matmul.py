@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, TRAITS, type_name
 from . import register
-from .common import I32, I64, BuildCtx, dense_rows, launch, require, src
+from .common import I32, I64, P, BuildCtx, dense_rows, launch, mma_ok, require, src
 from .mmvq import MatOut, build_mmvq, build_mmvq_id, mmvq_id_ok, mmvq_ok
 
 # ggml type -> kernel suffix and the byte alignment its decoder's loads need (quant/*.cuh ALIGN)
@@ -62,11 +62,6 @@ def build_mul_mat(node: Tensor, ctx: BuildCtx):
     return [launch(ctx.fn("matmul", f"mul_mat_tile_{name}"), grid, (256,), args)]
 
 
-def mma_ok(ctx: BuildCtx) -> bool:
-    """Tensor-core tiles (kernels/mma.cu): 32-wide warps on CUDA, or the emulator (emulated fragments)."""
-    return ctx.warp == 32 and not getattr(ctx.backend.rt, "is_hip", False)
-
-
 MMA_BM, MMA_SMALL_GRID = 128, 264  # 2 blocks per multiprocessor on an H100
 
 
@@ -95,6 +90,8 @@ def build_mul_mat_id(node: Tensor, ctx: BuildCtx):
     require(n_used * n_tokens <= 65535, node, "too many (slot, token) pairs for one launch")
     if mmvq_id_ok(node, ctx):
         return build_mmvq_id(ctx, node)
+    if mma_ok(ctx) and n_tokens > VEC_MAX_COLS and (int(ctx.ptr(b)) | b.nb[1] | b.nb[2]) % 4 == 0:
+        return build_mul_mat_id_mma(node, a, b, ids, ctx)
     name = TRAITS[a.type].name
     args = (ctx.ptr(a), ctx.ptr(b), ctx.ptr(ids), ctx.ptr(node), ctx.err_ptr,
             ctx.error_code(node, "expert id out of range"), I32(K), I32(M), I32(n_expert), I32(n_used),
@@ -102,3 +99,35 @@ def build_mul_mat_id(node: Tensor, ctx: BuildCtx):
             I64(ids.nb[1]), I64(node.nb[1]), I64(node.nb[2]))
     grid = ((M + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, n_used * n_tokens)
     return [launch(ctx.fn("matmul", f"mul_mat_id_vec_{name}"), grid, (ctx.warp, ROWS_PER_BLOCK), args)]
+
+
+MOE_BN = 64  # kernels/mma.cu mul_mat_id_mma tile columns
+
+
+def moe_route(ctx: BuildCtx, node: Tensor, ids: Tensor, n_expert: int) -> tuple[list, tuple[int, int, int]]:
+    """Per-expert lists of (slot, token) pairs, made once per ids tensor and shared by its matmuls."""
+    route = ctx.routes.get(id(ids))
+    if route is not None:
+        return [], route
+    n_used, n_tok = ids.ne[0], ids.ne[1]
+    cap = n_used * n_tok
+    counts, lists = ctx.scratch(4 * n_expert), ctx.scratch(4 * n_expert * cap)
+    args = (ctx.ptr(ids), P(counts), P(lists), I32(cap), I32(n_used), I32(n_tok), I32(n_expert), I64(ids.nb[0]),
+            I64(ids.nb[1]), ctx.err_ptr, ctx.error_code(node, "expert id out of range"))
+    route = ctx.routes[id(ids)] = (counts, lists, cap)
+    return [launch(ctx.fn("mma", "k_moe_route"), (n_expert,), (256,), args)], route
+
+
+def build_mul_mat_id_mma(node: Tensor, a: Tensor, b: Tensor, ids: Tensor, ctx: BuildCtx):
+    """Many tokens: each expert's (slot, token) pairs through one tensor-core tile grid."""
+    K, M, n_expert = a.ne[0], a.ne[1], a.ne[2]
+    n_used, n_tok, ne11 = ids.ne[0], ids.ne[1], b.ne[1]
+    require(n_expert <= 65535, node, "too many experts for one launch")
+    pre, (counts, lists, cap) = moe_route(ctx, node, ids, n_expert)
+    bvec = (int(ctx.ptr(b)) | b.nb[1] | b.nb[2]) % 16 == 0
+    # tokens pick distinct experts, so an expert has at most n_tok pairs; tiles loop past that if not
+    grid = ((M + 127) // 128, (n_tok + MOE_BN - 1) // MOE_BN, n_expert)
+    args = (ctx.ptr(a), ctx.ptr(b), ctx.ptr(node), P(counts), P(lists), I32(cap), I32(K), I32(M), I32(n_used),
+            I32(ne11), I64(a.nb[1]), I64(a.nb[2]), I64(b.nb[1]), I64(b.nb[2]), I64(node.nb[1]), I64(node.nb[2]),
+            I32(bvec))
+    return pre + [launch(ctx.fn("mma", f"mul_mat_id_mma_{TRAITS[a.type].name}"), grid, (256,), args)]

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLType, TRAITS
-from .common import F32, I32, I64, NULL, P, BuildCtx, launch, require, row_grid, storage_key
+from .common import F32, I32, I64, NULL, P, BuildCtx, launch, mma_ok, require, row_grid, storage_key
 
 # Weight types with an integer dot product (kernels/q8.cuh HL_FOR_EACH_Q8_TYPE) and their load alignment.
 Q8_TYPES: dict[int, int] = {
@@ -61,8 +61,12 @@ def mmvq_ok(node: Tensor, ctx: BuildCtx, max_cols: int = MMV_MAX_COLS) -> bool:
 
 
 def mmvq_id_ok(node: Tensor, ctx: BuildCtx) -> bool:
+    """MUL_MAT_ID that runs as q8 matrix-vector products per (slot, token): decode-sized batches (larger
+    ones go to the grouped tensor-core tiles where there are those)."""
     a, b, ids = node.src_at(0), node.src_at(1), node.src_at(2)
     if a is None or b is None or ids is None or node.type != GGMLType.F32 or node.nb[0] != 4:
+        return False
+    if ids.ne[1] > MMV_MAX_COLS and mma_ok(ctx):
         return False
     return (q8_weight_ok(a, ctx) and q8_input_ok(b) and ids.type == GGMLType.I32 and a.ne[3] == 1
             and b.ne[3] == 1 and ids.ne[1] * ids.ne[0] <= 65535)
