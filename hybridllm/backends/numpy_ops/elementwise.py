@@ -256,24 +256,41 @@ def libm(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.nd
     """A float32 libm function (expf, tanhf, ...) exactly as glibc computes it, which is what ggml's scalar
     code calls: numba's float32 math functions call glibc (numpy's float32 SIMD versions differ, and so
     does rounding the double result: tanhf in ~5% of cases)."""
-    name = fn.__name__
+    code = _GLIBC[fn.__name__]
 
     def call(x: np.ndarray) -> np.ndarray:
-        return _glibc_ufunc(name)(np.asarray(x, dtype=F32))
+        a = np.ascontiguousarray(x, dtype=F32)
+        out = np.empty(a.shape, F32)
+        _glibc_kernel()(a.reshape(-1), out.reshape(-1), code)
+        return out
     return call
 
 
-# scalar float32 -> float32 bodies for numba.vectorize (numba lowers float32 math.* to glibc's f-functions)
-_GLIBC: dict[str, Callable[[float], float]] = {
-    "exp": lambda x: math.exp(x), "log": lambda x: math.log(x), "tanh": lambda x: math.tanh(x),
-    "sin": lambda x: math.sin(x), "cos": lambda x: math.cos(x), "expm1": lambda x: math.expm1(x),
-}
+_GLIBC = {"exp": 0, "log": 1, "tanh": 2, "sin": 3, "cos": 4, "expm1": 5}
+
+
+def _glibc_map(x: np.ndarray, y: np.ndarray, code: int) -> None:  # numba
+    """y = f(x) for float32 x with glibc's f (numba lowers float32 math.* to expf, logf, ...)."""
+    for i in range(x.size):
+        v = x[i]
+        if code == 0:
+            y[i] = math.exp(v)
+        elif code == 1:
+            y[i] = math.log(v) if v >= 0 else np.float32(np.nan)
+        elif code == 2:
+            y[i] = math.tanh(v)
+        elif code == 3:
+            y[i] = math.sin(v)
+        elif code == 4:
+            y[i] = math.cos(v)
+        else:
+            y[i] = math.expm1(v)
 
 
 @functools.cache
-def _glibc_ufunc(name: str) -> Callable[[np.ndarray], np.ndarray]:
-    import numba
-    return numba.vectorize(["float32(float32)"])(_GLIBC[name])
+def _glibc_kernel() -> Callable[[np.ndarray, np.ndarray, int], None]:
+    njit_in_place(globals(), "_glibc_map")
+    return globals()["_glibc_map"]
 
 
 exp32, log32, tanh32 = libm(np.exp), libm(np.log), libm(np.tanh)
