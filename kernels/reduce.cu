@@ -54,3 +54,46 @@ extern "C" __global__ void __launch_bounds__(1024) k_argsort(const u8* x, u8* d,
         if (rank < k) *(i32*)(dr + rank * nbd0) = i;
     }
 }
+
+// MoE router in one pass per token (llama.cpp's softmax gating): probs = softmax(logits); order = ARGSORT
+// desc of probs (stable); w[e] = probs[order[e]] for the n_used first, and with `norm` w /= clamp(sum w,
+// cmin, cmax). Writes the full order row and w (n_used values). One block per token, n_exp <= SORT_MAX.
+extern "C" __global__ void __launch_bounds__(1024) k_moe_router(const u8* logits, u8* order, u8* wout, int n_exp,
+                                                                int n_used, int n_tok, int norm, float cmin,
+                                                                float cmax, i64 nbl1, i64 nbo1, i64 nbw1) {
+    __shared__ float sv[SORT_MAX];
+    __shared__ int so[SORT_MAX];
+    __shared__ float scratch[HL_MAX_WARPS];
+    const i64 t = blockIdx.x + (i64)blockIdx.y * gridDim.x;
+    if (t >= n_tok) return;
+    const float* x = (const float*)(logits + t * nbl1);
+    float mx = -f32_inf();
+    for (int i = threadIdx.x; i < n_exp; i += blockDim.x) mx = fmaxf(mx, x[i]);
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < n_exp; i += blockDim.x) {  // as SOFT_MAX: exp, sum, times 1/sum
+        const float e = x[i] == -f32_inf() ? 0.0f : expf(x[i] - mx);
+        sv[i] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int i = threadIdx.x; i < n_exp; i += blockDim.x) sv[i] *= inv;
+    __syncthreads();
+    i32* orow = (i32*)(order + t * nbo1);
+    for (int i = threadIdx.x; i < n_exp; i += blockDim.x) {
+        const float v = sv[i];
+        int rank = 0;
+        for (int j = 0; j < n_exp; j++) rank += sorts_before(sv[j], j, v, i, 1);
+        so[rank] = i;
+        orow[rank] = i;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float* w = (float*)(wout + t * nbw1);
+        float s = 0.0f;
+        for (int e = 0; e < n_used; e++) s += sv[so[e]];
+        const float c = fminf(fmaxf(s, cmin), cmax);
+        for (int e = 0; e < n_used; e++) w[e] = norm ? sv[so[e]] / c : sv[so[e]];
+    }
+}

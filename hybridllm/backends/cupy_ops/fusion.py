@@ -7,6 +7,7 @@
     MUL_MAT gate, MUL_MAT up -> GLU                       mmvq_glu (+ q8 copy for the down projection)
     MUL_MAT_ID gate, up -> GLU                            mmvq_id_glu
     MUL_MAT_ID down -> MUL(router weights) -> views -> ADD chain [-> ADD residual]   mmvq_id_sum
+    SOFT_MAX -> ARGSORT, GET_ROWS(top k) [-> SUM_ROWS -> CLAMP -> DIV]                 k_moe_router
 
 A group's launch replaces all its members and runs at the position of one of them (`at`): the last member
 for chains, the first for matmuls sharing an input. Intermediates it skips must have no other reader and
@@ -286,6 +287,48 @@ def match_moe_sum(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
     return Group(members, out, lambda c: build_mmvq_id_sum(c, n, w, out, res), io)
 
 
+def match_moe_router(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
+    """llama.cpp's softmax MoE gating: SOFT_MAX(logits) read by ARGSORT(desc) and by GET_ROWS(probs as
+    (1, n_exp, T), first n_used of the order) [-> SUM_ROWS -> CLAMP -> DIV(weights, sum)]."""
+    from .reduce import SORT_MAX, build_moe_router
+
+    if n.op != GGMLOp.SOFT_MAX or n.src_at(1) is not None or n.src_at(2) is not None or g.is_output(n):
+        return None
+    logits = n.src[0]
+    n_exp, T = n.ne[0], n.ne[1]
+    if (n.param_f32(0) != 1.0 or n.param_f32(1) != 0.0 or n.ne[2:] != (1, 1) or n_exp > SORT_MAX
+            or not logits.is_contiguous or logits.type != GGMLType.F32 or not n.is_contiguous):
+        return None
+    rd = g.readers(n)
+    srt = next((r for r in rd if r.op == GGMLOp.ARGSORT), None)
+    gr = next((r for r in rd if r.op == GGMLOp.GET_ROWS), None)
+    if len(rd) != 2 or srt is None or gr is None or srt.src[0] is not n or srt.param_i32(0) != 1:
+        return None
+    table, topk = gr.src_at(0), gr.src_at(1)
+    if (table is None or topk is None or table.ne != (1, n_exp, T, 1) or table.view_src is not n
+            or topk.view_src is not srt or topk.view_offs != 0 or topk.nb[1] != srt.nb[1] or topk.ne[1] != T
+            or not srt.is_contiguous or gr.type != GGMLType.F32 or not gr.is_contiguous):
+        return None
+    n_used = topk.ne[0]
+    if gr.ne != (1, n_used, T, 1):
+        return None
+    members, out, norm, clamp = [n, srt, gr], gr, None, None
+    rd = g.readers(gr)
+    if len(rd) == 2 and not g.is_output(gr):
+        sr = next((r for r in rd if r.op == GGMLOp.SUM_ROWS), None)
+        div = next((r for r in rd if r.op == GGMLOp.DIV), None)
+        cl_rd = g.readers(sr) if sr is not None else []
+        if (sr is not None and div is not None and len(cl_rd) == 1 and cl_rd[0].op == GGMLOp.CLAMP
+                and not g.is_output(sr) and g.only_reader(cl_rd[0], div) and div.src_at(1) is cl_rd[0]
+                and sr.src[0] is div.src[0] and sr.src[0].ne == (n_used, T, 1, 1)
+                and div.ne == (n_used, T, 1, 1) and div.is_contiguous and div.type == GGMLType.F32):
+            norm, clamp = div, cl_rd[0]
+            members += [sr, clamp, div]
+            out = div
+    return Group(members, members[-1], lambda c: build_moe_router(c, n, srt, gr, norm, clamp),
+                 [(n, [logits], []), (srt, [], [srt]), (members[-1], [], [out])])
+
+
 def _other_operand(add: Tensor, t: Tensor) -> Tensor | None:
     a, b = add.src_at(0), add.src_at(1)
     if a is t and b is not t:
@@ -382,7 +425,7 @@ def plan(nodes: Sequence[Tensor], run: Sequence[Tensor], ctx: BuildCtx,
 
 
 def _match(g: Graph, n: Tensor, ctx: BuildCtx, claimed: dict) -> Group | None:
-    for m in (match_norm, match_glu, match_moe_sum, match_mm_add):
+    for m in (match_norm, match_moe_router, match_glu, match_moe_sum, match_mm_add):
         grp = m(g, n, ctx)
         if grp is not None and all(id(x) not in claimed for x in grp.members) and g.safe(grp):
             return grp

@@ -39,3 +39,21 @@ def build_argsort(node: Tensor, ctx: BuildCtx):
     args = (ctx.ptr(x), ctx.ptr(node), I32(desc), I32(k), I32(n0), I32(n1), I32(n2), I32(n3), *nb_args(x),
             *nb_args(node))
     return [launch(ctx.fn("reduce", "k_argsort"), (gx, gy), (elem_threads(n0, ctx.warp),), args)]
+
+
+def build_moe_router(ctx: BuildCtx, sm: Tensor, order: Tensor, wts: Tensor, norm: Tensor | None,
+                     clamp: Tensor | None):
+    """SOFT_MAX -> ARGSORT -> GET_ROWS of the top n_used [-> SUM_ROWS -> CLAMP -> DIV] per token in one launch
+    (see fusion.match_moe_router); writes the ARGSORT result and the final weights."""
+    from .common import F32, I64
+
+    logits = src(sm, 0)
+    n_exp, n_tok = logits.ne[0], logits.ne[1]
+    n_used = wts.ne[1]
+    out = norm if norm is not None else wts
+    cmin, cmax = (clamp.param_f32(0), clamp.param_f32(1)) if clamp is not None else (0.0, 0.0)
+    gx, gy = row_grid(n_tok)
+    token_stride = out.nb[1] if norm is not None else out.nb[2]  # (n_used, T) or (1, n_used, T), contiguous
+    args = (ctx.ptr(logits), ctx.ptr(order), ctx.ptr(out), I32(n_exp), I32(n_used), I32(n_tok),
+            I32(norm is not None), F32(cmin), F32(cmax), I64(logits.nb[1]), I64(order.nb[1]), I64(token_stride))
+    return [launch(ctx.fn("reduce", "k_moe_router"), (gx, gy), (elem_threads(n_exp, ctx.warp),), args)]
