@@ -10,19 +10,20 @@ import asyncio
 import logging
 import signal
 import threading
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from . import native_api, openai_api
-from .engine_api import Engine
+from .engine_api import Engine, EngineLoadError
 from .generation import json_response, to_api_error
 from .params import ApiError
 from .state import STATE, ServerState
 
 log = logging.getLogger("hybridllm.server")
 
-__all__ = ["make_app", "start", "serve", "PUBLIC_PATHS"]
+__all__ = ["PUBLIC_PATHS", "make_app", "serve", "start"]
 
 PUBLIC_PATHS = frozenset({"/health", "/v1/health"})  # answered without the API key, like llama-server
 MAX_BODY = 64 << 20
@@ -44,7 +45,9 @@ async def _json_errors(request: web.Request, handler: Callable[[web.Request], Aw
         raise  # the client went away: nothing to answer
     except Exception as exc:
         err = to_api_error(exc)
-        if err.status >= 500:
+        if err.status == 503:  # a worker is down: expected, /health says so; no traceback
+            log.warning("%s %s: %s", request.method, request.path, err.message)
+        elif err.status >= 500:
             log.exception("%s %s failed", request.method, request.path)
     return json_response(err.body(), status=err.status)
 
@@ -55,8 +58,7 @@ def _api_key_check(api_key: str) -> Callable:
                     ) -> web.StreamResponse:
         if request.path not in PUBLIC_PATHS:
             given = request.headers.get("Authorization") or request.headers.get("X-Api-Key") or ""
-            if given.startswith("Bearer "):
-                given = given[len("Bearer "):]
+            given = given.removeprefix("Bearer ")
             if given != api_key:
                 raise ApiError("Invalid API Key", 401, "authentication_error")
         return await handler(request)
@@ -117,6 +119,8 @@ async def serve(state: ServerState, host: str, port: int, load: Callable[[], Eng
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             state.set_load_error(f"failed to load the model: {message}")
             log.error("%s", state.load_error)
+            if not isinstance(exc, EngineLoadError):  # not a user error: the traceback helps (with -v)
+                log.debug("load failed", exc_info=exc)
             return 1
         state.set_engine(engine)
         info = engine.info

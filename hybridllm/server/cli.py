@@ -46,11 +46,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="concurrent generations; more requests wait in a FIFO queue (default 1)")
     p.add_argument("--device", default="cpu", help="device that runs the model (default cpu)")
     p.add_argument("--rpc", type=_split_list, default=[], metavar="HOST:PORT[,..]",
-                   help="RPC workers to place layers on")
+                   help="RPC workers (hybridllm worker or llama.cpp rpc-server) whose devices hold layers")
     p.add_argument("--tensor-split", type=_tensor_split, default=[], metavar="A,B[,..]",
-                   help="proportions of the layers per device")
+                   help="proportions of the layers per device: each worker's devices in --rpc order, then "
+                        "--device (default: by free memory)")
     p.add_argument("--token", default=os.environ.get("HYBRIDLLM_API_KEY"),
                    help="API key clients must send (Authorization: Bearer T); env HYBRIDLLM_API_KEY")
+    p.add_argument("--rpc-token", default=os.environ.get("HYBRIDLLM_RPC_TOKEN"),
+                   help="shared secret of the workers (`hybridllm worker --token`); env HYBRIDLLM_RPC_TOKEN")
     p.add_argument("-n", "--n-predict", type=int, default=-1,
                    help="default tokens to generate per request, -1 = until EOS or the context is full")
     p.add_argument("--alias", default=None, help="model name reported by the API (default: the file name)")
@@ -71,6 +74,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CliError(f"--ctx {args.ctx} is too small for --parallel {args.parallel}")
     if args.n_predict < -1:
         raise CliError(f"--n-predict must be -1 or more (got {args.n_predict})")
+    if args.rpc_token is not None and not args.rpc_token:
+        raise CliError("--rpc-token must not be empty")
     try:
         check_placement(args.device, args.rpc, args.tensor_split)
     except EngineUnsupported as exc:
@@ -88,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     def load() -> LocalEngine:
         return LocalEngine.load(args.model, n_ctx=args.ctx, n_parallel=args.parallel, device=args.device,
-                                name=args.alias)
+                                name=args.alias, rpc=args.rpc, tensor_split=args.tensor_split or None,
+                                rpc_token=args.rpc_token if args.rpc else None)
     try:
         return _run_loop(serve(ServerState(config), args.host, args.port, load))
     except OSError as exc:  # the address is taken or not ours

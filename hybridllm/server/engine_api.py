@@ -14,15 +14,26 @@ Contract of `generate(slot, request, stats)`:
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
-__all__ = ["SamplingParams", "GenerateRequest", "Step", "GenStats", "ModelInfo", "HealthState", "Health",
-           "Engine", "EngineRequestError", "ContextExceeded"]
+__all__ = ["ContextExceeded", "Engine", "EngineLoadError", "EngineRequestError", "EngineUnavailable",
+           "GenStats", "GenerateRequest", "Health", "HealthState", "ModelInfo", "SamplingParams", "Step"]
 
 
 class EngineRequestError(ValueError):
     """The request cannot run on this model (the server answers 400); one line."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The model cannot run right now: a device it runs on (an RPC worker) failed or is still down. The
+    server answers 503; one line."""
+
+
+class EngineLoadError(RuntimeError):
+    """The model cannot be loaded for a reason the user can fix (file, placement, unreachable worker); one
+    line, no traceback."""
 
 
 class ContextExceeded(EngineRequestError):
@@ -144,6 +155,10 @@ class Engine(Protocol):
     def n_slots(self) -> int: ...
 
     def health(self) -> Health: ...
+
+    async def probe_health(self) -> Health:
+        """The health after a quick check that remote devices still answer (for /health)."""
+        ...
 
     async def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from .engine_api import ContextExceeded, EngineRequestError, GenerateRequest, Step
+from .engine_api import ContextExceeded, EngineRequestError, EngineUnavailable, GenerateRequest, Step
 from .params import ApiError
 from .slots import Slot
 from .sse import SSEStream, dumps
@@ -14,7 +15,7 @@ from .state import ServerState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Formatter", "complete", "to_api_error", "json_response"]
+__all__ = ["Formatter", "complete", "json_response", "to_api_error"]
 
 
 class Formatter(Protocol):
@@ -43,6 +44,8 @@ def to_api_error(exc: BaseException) -> ApiError:
                         {"n_prompt_tokens": exc.n_prompt_tokens, "n_ctx": exc.n_ctx})
     if isinstance(exc, EngineRequestError):
         return ApiError(str(exc), 400)
+    if isinstance(exc, EngineUnavailable):  # a worker failed: retry later (the server stays up)
+        return ApiError(str(exc), 503, "unavailable_error")
     return ApiError(f"{type(exc).__name__}: {exc}", 500, "server_error")
 
 
@@ -86,8 +89,9 @@ async def _stream(request: web.Request, steps: AsyncIterator[Step], slot: Slot, 
         return sse.response
     except Exception as exc:  # the headers are out: report it in the stream, as llama-server does
         err = to_api_error(exc)
+        unexpected = err.status >= 500 and err.status != 503   # 503: a worker failed, not a bug here
         log.log(logging.ERROR if err.status >= 500 else logging.INFO, "slot %d: %s", slot.id, err.message,
-                exc_info=err.status >= 500)
+                exc_info=unexpected)
         try:
             await sse.send(err.body())
         except ConnectionResetError:

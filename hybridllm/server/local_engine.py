@@ -5,27 +5,33 @@ Each slot is its own ModelRunner (own KV cache) over one shared set of weights. 
 single engine thread, one short step at a time (a prompt ubatch, or one token), so steps of concurrent
 slots interleave and the event loop never blocks. Because that thread runs steps in submission order, a
 step still in flight when its client went away finishes before any later step touches the same slot.
+
+Layers may live on RPC workers (`--rpc`). A worker that fails makes the step fail at once (503) and the
+engine degraded; the next request first recovers every slot (the weights go back once, from the worker's
+--cache when it has one), or answers 503 again while the worker is still down.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import gguf
 import numpy as np
 
-from .engine_api import (ContextExceeded, EngineRequestError, GenerateRequest, GenStats, Health, HealthState,
-                         ModelInfo, SamplingParams, Step)
+from .engine_api import (ContextExceeded, EngineLoadError, EngineRequestError, EngineUnavailable, GenerateRequest,
+                         GenStats, Health, HealthState, ModelInfo, SamplingParams, Step)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["LocalEngine", "EngineUnsupported", "check_placement"]
+__all__ = ["EngineUnsupported", "LocalEngine", "check_placement"]
 
 
 _TEMPLATE_ARGS = frozenset({"messages", "add_generation_prompt", "tools", "documents"})
@@ -36,16 +42,21 @@ class EngineUnsupported(Exception):
 
 
 def check_placement(device: str, rpc: Sequence[str], tensor_split: Sequence[float]) -> None:
-    """Fail early, in one line, on placement options the in-process engine does not implement."""
+    """Fail early, in one line, on placement options that cannot work whatever the workers say."""
     from ..engine.runner import EngineError, make_backend
-    if rpc:
-        raise EngineUnsupported(f"--rpc {','.join(rpc)}: the engine cannot place layers on RPC workers yet")
-    if tensor_split:
-        raise EngineUnsupported("--tensor-split: the engine has a single device and cannot split layers yet")
+    from ..rpc.transport import parse_endpoint
+    for endpoint in rpc:
+        try:
+            parse_endpoint(endpoint)
+        except ValueError as exc:
+            raise EngineUnsupported(f"--rpc: {exc}") from None
     try:
         make_backend(device)
     except EngineError as exc:
         raise EngineUnsupported(f"--device {device}: {exc}") from None
+    if tensor_split and not rpc and len(tensor_split) != 1:  # with workers, their device count decides
+        raise EngineUnsupported(f"--tensor-split has {len(tensor_split)} values for 1 device ({device}); "
+                                f"add workers with --rpc")
 
 
 @dataclass
@@ -54,6 +65,7 @@ class _Seq:
     runner: Any                          # hybridllm.engine.runner.ModelRunner
     tokens: list[int] = field(default_factory=list)
     dirty: bool = False                  # a step failed half-way: reset before the next use
+    epoch: int = 0                       # bumped when recovery resets the cache under a running job
 
 
 class LocalEngine:
@@ -65,39 +77,70 @@ class LocalEngine:
         self._template = template
         self._info = info
         self._health = Health(HealthState.OK)
+        self._lost_reason = ""               # the failure that made the engine degraded
+        self._probe: asyncio.Future[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hybridllm-engine")
         self._closed = False
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int = 4096, n_parallel: int = 1, device: str = "cpu",
-             name: str | None = None) -> "LocalEngine":
-        """Load the model once and give each of n_parallel slots n_ctx // n_parallel cells of KV cache
-        (llama-server's per-slot context split)."""
+             name: str | None = None, rpc: Sequence[str] = (), tensor_split: Sequence[float] | None = None,
+             rpc_token: str | None = None, rpc_timeout: float = 300.0) -> LocalEngine:
+        """Load the model once, its layers placed over `rpc` workers' devices and then `device`, and give
+        each of n_parallel slots n_ctx // n_parallel cells of KV cache (llama-server's per-slot split).
+        Raises EngineLoadError (one line) for what the user can fix."""
+        from ..engine.alloc import AllocError
+        from ..engine.gguf_file import GGUFError
+        from ..engine.placement import PlacementError
+        from ..engine.runner import EngineError
+        from ..rpc.transport import RpcError
+        if n_parallel < 1:
+            raise ValueError("--parallel must be at least 1")
+        try:
+            return cls._load(path, n_ctx, n_parallel, device, name, list(rpc), list(tensor_split or []) or None,
+                             rpc_token, rpc_timeout)
+        except (PlacementError, RpcError, AllocError, GGUFError, EngineError, MemoryError) as exc:
+            raise EngineLoadError(_one_line(exc)) from exc
+
+    @classmethod
+    def _load(cls, path: str | Path, n_ctx: int, n_parallel: int, device: str, name: str | None,
+              rpc: list[str], tensor_split: list[float] | None, rpc_token: str | None,
+              rpc_timeout: float) -> LocalEngine:
         from ..engine.chat_template import ChatTemplate
         from ..engine.runner import ModelRunner, load
         from ..engine.tokenizer import Tokenizer
-        if n_parallel < 1:
-            raise ValueError("--parallel must be at least 1")
-        # --ctx 0 means the training context, which is known only once the model is open
-        first = load(path, device=device, n_ctx=max(n_ctx // n_parallel, 8) if n_ctx > 0 else 256)
-        n_ctx_total = n_ctx if n_ctx > 0 else first.hp.n_ctx_train
+        n_ctx_train = _train_ctx(path)
+        n_ctx_total = n_ctx if n_ctx > 0 else n_ctx_train  # --ctx 0: the training context
         slot_ctx = n_ctx_total // n_parallel
         if slot_ctx < 8:
+            raise EngineLoadError(f"--ctx {n_ctx_total} over --parallel {n_parallel} leaves {slot_ctx} tokens "
+                                  f"a slot")
+        if n_ctx_total > n_ctx_train:
+            log.warning("--ctx %d is beyond the model's training context of %d tokens", n_ctx_total, n_ctx_train)
+        mine = _connect(rpc, rpc_token, rpc_timeout) if rpc_token else []  # load() takes no token
+        try:
+            first = load(path, device=device, n_ctx=slot_ctx, rpc=mine or rpc, tensor_split=tensor_split,
+                         kv_slots=n_parallel, rpc_timeout=rpc_timeout,
+                         progress=sys.stderr.isatty() or bool(rpc), log=log.info)
+        except BaseException:
+            for b in mine:
+                b.close()
+            raise
+        first.model.owned.extend(mine)  # closed with the model, after the last slot
+        runners = [first]
+        try:
+            runners += [ModelRunner(first.model, replace(first.config), first.metadata)
+                        for _ in range(n_parallel - 1)]
+            tok = Tokenizer.from_gguf(first.metadata)
+            template = ChatTemplate.for_model(first.metadata, tok)
+        except BaseException:
+            for r in runners[1:]:
+                _free_runner(r, with_model=False)
             first.close()
-            raise ValueError(f"--ctx {n_ctx_total} over --parallel {n_parallel} leaves {slot_ctx} tokens a slot")
-        if n_ctx_total > first.hp.n_ctx_train:
-            log.warning("--ctx %d is beyond the model's training context of %d tokens", n_ctx_total,
-                        first.hp.n_ctx_train)
-        runners = [_with_ctx(first, slot_ctx, ModelRunner)]
-        if runners[0] is not first:
-            _free_runner(first, with_model=False)
-        runners += [ModelRunner(first.model, replace(runners[0].config), first.metadata)
-                    for _ in range(n_parallel - 1)]
-        tok = Tokenizer.from_gguf(first.metadata)
-        template = ChatTemplate.for_model(first.metadata, tok)
-        info = _model_info(path, runners[0], tok, template, name, device)
-        return cls(runners, tok, template, info)
+            raise
+        devices = "+".join(b.name for b in first.model.placement.devices)
+        return cls(runners, tok, template, _model_info(path, first, tok, template, name, devices))
 
     # --- Engine: facts and state --------------------------------------------------------------------
     @property
@@ -111,12 +154,64 @@ class LocalEngine:
     def health(self) -> Health:
         return self._health
 
+    async def probe_health(self, wait: float = 2.0) -> Health:
+        """Ask each worker for its memory on the engine thread, to notice one that died while idle. One
+        probe at a time; the last known health if the thread stays busy longer than `wait` seconds (a
+        hung worker holds it until the RPC timeout)."""
+        if self._closed or self._health.state is not HealthState.OK:
+            return self._health
+        if self._probe is None:
+            self._probe = asyncio.get_running_loop().run_in_executor(self._executor, self._probe_devices)
+            self._probe.add_done_callback(self._probe_done)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._probe), wait)
+        except asyncio.TimeoutError:
+            pass
+        return self._health
+
+    def _probe_done(self, fut: asyncio.Future[None]) -> None:
+        self._probe = None
+        if not fut.cancelled() and fut.exception() is not None:
+            log.warning("health probe failed: %s", _one_line(fut.exception()))  # type: ignore[arg-type]
+
+    def _probe_devices(self) -> None:
+        """Engine thread. The slots share the workers' connections: one probe covers them all."""
+        for i, seq in enumerate(self._seqs):
+            state, why = seq.runner.health(probe=i == 0)
+            if state != "ok":
+                self.mark_degraded(why)
+                return
+
     def mark_degraded(self, message: str) -> None:
         """Something (a lost worker, a failed step) makes the engine serve in a degraded way."""
+        if self._health.state is not HealthState.DEGRADED:
+            self._lost_reason = message
         self._health = Health(HealthState.DEGRADED, message)
 
     def mark_ok(self) -> None:
         self._health = Health(HealthState.OK)
+        self._lost_reason = ""
+
+    def _recover(self) -> None:
+        """Engine thread, before a job: if degraded, reconnect and re-upload what a lost worker held (the
+        weights once; each slot its KV cache) and start every slot's sequence over."""
+        from ..rpc.transport import RpcError
+        if self._health.state is not HealthState.DEGRADED:
+            return
+        reason = self._lost_reason or self._health.message
+        log.info("recovering from: %s", reason)
+        try:
+            for seq in self._seqs:
+                seq.runner.recover()
+                seq.tokens.clear()
+                seq.dirty = False
+                seq.epoch += 1   # a job still running on that slot must not continue on a reset cache
+        except RpcError as exc:
+            message = f"a worker is still down: {exc} (degraded since: {reason})"
+            self._health = Health(HealthState.DEGRADED, message)
+            raise EngineUnavailable(message) from None
+        self.mark_ok()
+        log.info("recovered: every device is back")
 
     # --- Engine: text ------------------------------------------------------------------------------
     async def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
@@ -169,6 +264,7 @@ class LocalEngine:
         if len(request.prompt) >= seq.runner.n_ctx:
             raise ContextExceeded(len(request.prompt), seq.runner.n_ctx)
         job = _Job(seq, request, stats, self._tok, self._sampler(request))
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._recover)
         await self._run(seq, job.start)
         while job.pending:
             await self._run(seq, job.prefill_chunk)
@@ -201,10 +297,15 @@ class LocalEngine:
             except BaseException:
                 seq.dirty = True  # the cache may hold half a step: reset it before the next request
                 raise
+        from ..engine.runner import DeviceLost
+        from ..rpc.transport import RpcError
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, guarded)
-        except (EngineRequestError, asyncio.CancelledError):
+        except (EngineRequestError, EngineUnavailable, asyncio.CancelledError):
             raise
+        except (DeviceLost, RpcError) as exc:  # the message names the device and its layers
+            self.mark_degraded(_one_line(exc))
+            raise EngineUnavailable(_one_line(exc)) from None
         except Exception as exc:
             self.mark_degraded(f"a generation failed: {type(exc).__name__}: {exc}")
             raise
@@ -231,10 +332,16 @@ class _Job:
         self.logits: np.ndarray | None = None
         self.last: int | None = None     # sampled, not yet in the cache
         self.t0 = self.t_prompt_end = 0.0
+        self.epoch = seq.epoch
+
+    def _check_epoch(self) -> None:
+        if self.seq.epoch != self.epoch:
+            raise EngineUnavailable("the model was reloaded after a worker failed; retry the request")
 
     def start(self) -> None:
         seq, runner, prompt = self.seq, self.seq.runner, list(self.req.prompt)
         self.t0 = _now()
+        self.epoch = seq.epoch
         if seq.dirty:
             runner.reset()
             seq.tokens.clear()
@@ -248,6 +355,7 @@ class _Job:
         self.sampler.accept_many(prompt)  # llama-server fills the penalty window with the prompt
 
     def prefill_chunk(self) -> None:
+        self._check_epoch()
         runner = self.seq.runner
         chunk, self.pending = self.pending[:runner.config.n_ubatch], self.pending[runner.config.n_ubatch:]
         logits = runner.decode(chunk)
@@ -259,6 +367,7 @@ class _Job:
             self.stats.t_prompt_ms = (self.t_prompt_end - self.t0) * 1e3
 
     def next_step(self) -> Step:
+        self._check_epoch()
         runner, req, st = self.seq.runner, self.req, self.stats
         if req.max_tokens == 0:
             return Step(None, "", "length", "limit")
@@ -305,13 +414,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _with_ctx(runner: Any, n_ctx: int, runner_cls: Any) -> Any:
-    """The runner with a KV cache of n_ctx cells (a new runner over the same weights if it differs)."""
-    if runner.config.n_ctx == n_ctx:
-        return runner
-    return runner_cls(runner.model, replace(runner.config, n_ctx=n_ctx), runner.metadata)
-
-
 def _free_runner(runner: Any, *, with_model: bool) -> None:
     """ModelRunner.close() also frees the weights, which the slots share; free only what is its own."""
     if with_model:
@@ -321,6 +423,36 @@ def _free_runner(runner: Any, *, with_model: bool) -> None:
         prep.compute.free()
     runner._graphs.clear()
     runner.kv.free()
+
+
+def _train_ctx(path: str | Path) -> int:
+    """The model's training context, read from the file's header."""
+    from ..engine.gguf_file import GGUFFile
+    from ..models import model_class
+    with GGUFFile(path) as f:
+        return int(model_class(f.arch, f.path).hparams_cls.from_gguf(f).n_ctx_train)
+
+
+def _connect(rpc: Sequence[str], token: str, timeout: float) -> list[Any]:
+    """Every device of each worker, over connections that prove `token` (what load() does for
+    endpoints, which it connects without a token)."""
+    from ..rpc.client_backend import RpcBackend
+    out: list[Any] = []
+    try:
+        for endpoint in rpc:
+            out.append(RpcBackend(endpoint, token=token, timeout=timeout))
+            out += [RpcBackend(endpoint, dev, token=token, timeout=timeout)
+                    for dev in range(1, out[-1].link.device_count)]
+    except BaseException:
+        for b in out:
+            b.close()
+        raise
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _model_info(path: str | Path, runner: Any, tok: Any, template: Any, name: str | None,

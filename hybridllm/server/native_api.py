@@ -81,7 +81,7 @@ async def completion(request: web.Request) -> web.StreamResponse:
 @routes.get("/v1/health")
 async def health(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
-    h = state.health()
+    h = await state.probe_health()
     if h.state is HealthState.OK:
         return json_response({"status": "ok"})
     if h.state is HealthState.DEGRADED:  # still serving: 200, so balancers keep it, with the reason

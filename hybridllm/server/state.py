@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -16,7 +17,7 @@ from .slots import Slot, SlotManager
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServerConfig", "ServerState", "STATE"]
+__all__ = ["STATE", "ServerConfig", "ServerState"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ class ServerState:
         if self.engine is None:
             return Health(HealthState.LOADING, "Loading model")
         return self.engine.health()
+
+    async def probe_health(self) -> Health:
+        """health(), after the engine checked that its remote devices still answer (for /health)."""
+        if self.load_error is None and self.engine is not None:
+            return await self.engine.probe_health()
+        return self.health()
 
     def ready_engine(self) -> Engine:
         """The engine, or the 503 llama-server answers before the model is ready."""

@@ -113,8 +113,8 @@ def _main_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 def test_cli_errors(synth_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = str(synth_model)
     cases = [((str(tmp_path / "missing.gguf"),), "model file not found"),
-             ((model, "--rpc", "127.0.0.1:50052"), "RPC workers"),
-             ((model, "--tensor-split", "1,1"), "--tensor-split"),
+             ((model, "--rpc", "127.0.0.1"), "invalid RPC endpoint"),
+             ((model, "--tensor-split", "1,1"), "--tensor-split has 2 values for 1 device"),
              ((model, "--device", "tpu9"), "--device tpu9"),
              ((model, "--parallel", "0"), "--parallel"),
              ((model, "--ctx", "8", "--parallel", "4"), "too small"),
