@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "matmul")
 
 from matmul_blocks import random_rows
 
-from hybridllm.backends.cpu_kernels import get_matmul, set_num_threads
+from hybridllm.backends.cpu_kernels import get_matmul, mul_mat_mode, set_num_threads
 from hybridllm.backends.numpy_ops.matmul import mul_mat_ref
 from hybridllm.ggml.types import GGMLType as T
 
@@ -107,7 +107,8 @@ def bench_one(atype: int, K: int, M: int, N: int, ref: bool, ggml: tuple | None 
     out = np.zeros((N, M), np.float32)
     bind = get_matmul(atype, T.F32)
     assert bind is not None
-    run = bind(A.reshape(-1), A.shape[-1], M, K, np.zeros(1, np.int64), np.array([0, N], np.int64),
+    mode = np.array([mul_mat_mode(atype, T.F32, N, M, True)], np.int64)
+    run = bind(A.reshape(-1), A.shape[-1], M, K, np.zeros(1, np.int64), np.array([0, N], np.int64), mode,
                np.arange(N, dtype=np.int64), np.arange(N, dtype=np.int64) * M, B.view(np.uint8).reshape(-1),
                np.arange(N, dtype=np.int64) * K * 4, out.reshape(-1))
     t_fast = best_of(run)
@@ -129,7 +130,8 @@ def decode_step_sim(gap_us: float, steps: int = 30) -> float:
         out = np.zeros(M, np.float32)
         bind = get_matmul(atype, T.F32)
         assert bind is not None
-        runs[name] = (bind(A.reshape(-1), A.shape[-1], M, K, np.zeros(1, np.int64), np.array([0, 1]),
+        mode = np.array([mul_mat_mode(atype, T.F32, 1, M, True)], np.int64)
+        runs[name] = (bind(A.reshape(-1), A.shape[-1], M, K, np.zeros(1, np.int64), np.array([0, 1]), mode,
                            np.zeros(1, np.int64), np.zeros(1, np.int64), B.view(np.uint8).reshape(-1),
                            np.zeros(1, np.int64), out), A, B, out)
     seq = [runs[n][0] for _ in range(18) for n in layer] + [runs["output/token_embd"][0]]

@@ -15,7 +15,7 @@ _SCRIPT = r"""
 import numpy as np, sys
 sys.path.insert(0, sys.argv[1])
 from matmul_blocks import random_rows
-from hybridllm.backends.cpu_kernels import get_matmul
+from hybridllm.backends.cpu_kernels import get_matmul, mul_mat_mode
 from hybridllm.backends.cpu_kernels.simd import HAS_MADDUBS, HAS_VNNI
 from hybridllm.backends.numpy_ops.matmul import mul_mat_ref
 from hybridllm.ggml.types import GGMLType as T
@@ -26,7 +26,8 @@ for atype in (T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K):
     A = random_rows(rng, atype, (M,), K)
     B = rng.standard_normal((N, K)).astype(np.float32)
     out = np.zeros((N, M), np.float32)
-    get_matmul(atype, T.F32)(A.reshape(-1), A.shape[-1], M, K, np.zeros(1, np.int64), np.array([0, N]),
+    mode = np.array([mul_mat_mode(atype, T.F32, N, M, True)], np.int64)
+    get_matmul(atype, T.F32)(A.reshape(-1), A.shape[-1], M, K, np.zeros(1, np.int64), np.array([0, N]), mode,
                              np.arange(N), np.arange(N) * M, B.view(np.uint8).reshape(-1), np.arange(N) * K * 4,
                              out.reshape(-1))()
     ref = mul_mat_ref(A[None, None], atype, B[None, None])[0, 0]

@@ -44,4 +44,4 @@ def test_real_weight_matmul_matches_ggml(weights: dict[str, tuple[int, np.ndarra
             out = GT(fn(g.ctx, a.ptr, g.new(T.F32, (K, N), acts).ptr), g)
             res = g.run(out)
             ggml, ours = res.ref(out), res.ours(out)
-            assert np.abs(ours - ggml).max() / np.abs(ggml).max() < 1e-6, (name, N)
+            np.testing.assert_array_equal(ours, ggml, err_msg=f"{name} N={N}")

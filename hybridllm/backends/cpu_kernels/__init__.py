@@ -9,7 +9,7 @@ from .cache import invalidate_stale_cache
 
 invalidate_stale_cache()
 
-from .api import FAST_TYPES, get_matmul
+from .api import FAST_TYPES, get_matmul, mul_mat_id_mode, mul_mat_mode
 from .threads import get_num_threads, set_num_threads
 
-__all__ = ["FAST_TYPES", "get_matmul", "get_num_threads", "set_num_threads"]
+__all__ = ["FAST_TYPES", "get_matmul", "get_num_threads", "mul_mat_id_mode", "mul_mat_mode", "set_num_threads"]

@@ -1,7 +1,7 @@
 # mypy: disable-error-code="call-arg,var-annotated"
 # (numba intrinsics are called without their typing-context parameter)
 """MUL_MAT activations (src1 rows) converted to the weight's vec_dot type, bit-exact with ggml's x86 CPU
-backend, into an unpacked form the kernels read directly: q as flat int16 [C*K], scales as float32 [C, blocks].
+backend, into an unpacked form the kernels read directly: q as flat int8 [C*K], scales as float32 [C, blocks].
 
 * Q8_0 / Q8_1 (ggml's AVX2 `quantize_row_q8_0/1`): per 32 values amax = max|x|, d = amax/127,
   id = 127/amax (0 if amax = 0), q = round-half-even(x*id); d is stored as F16; Q8_1 adds
@@ -48,9 +48,9 @@ def _to_int8(v: np.float32) -> int:
 
 
 @njit(cache=True)
-def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, offset: int, bq: np.ndarray, bq8: np.ndarray,
-                  bd: np.ndarray, bs: np.ndarray, ycorr: np.ndarray, dyv: np.ndarray) -> None:
-    """Rows -> Q8_0 (bq int16 and bq8 int8, bd) plus the Q8_1 sums bs (ggml's AVX2 quantizers; Q8_1 has
+def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, offset: int, bq8: np.ndarray, bd: np.ndarray,
+                  bs: np.ndarray, ycorr: np.ndarray, dyv: np.ndarray) -> None:
+    """Rows -> Q8_0 (bq8 int8, bd) plus the Q8_1 sums bs (ggml's AVX2 quantizers; Q8_1 has
     the same q and d). For the byte kernels, per block also the 8 sums of 4 consecutive q times -offset
     (ycorr, int32; `offset` is what the weight type adds to make its values unsigned) and 8 copies of d
     (dyv)."""
@@ -67,7 +67,6 @@ def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, offset: int, bq: n
             total = 0
             for k in range(32):
                 q = _to_int8(np.rint(load_f(_F32, bbuf, o + 4 * k) * inv))
-                bq[c * K + blk * 32 + k] = q
                 bq8[c * K + blk * 32 + k] = q
                 total += q
             bd[c, blk] = _round_f16(d)
@@ -75,14 +74,14 @@ def quantize_q8_0(bbuf: np.ndarray, boff: np.ndarray, K: int, offset: int, bq: n
             v = (c * (K // 32) + blk) * 8
             for k in range(8):
                 e = c * K + blk * 32 + 4 * k
-                ycorr[v + k] = -offset * (bq[e] + bq[e + 1] + bq[e + 2] + bq[e + 3])
+                ycorr[v + k] = -offset * (np.int32(bq8[e]) + bq8[e + 1] + bq8[e + 2] + bq8[e + 3])
                 dyv[v + k] = bd[c, blk]
 
 
 @njit(cache=True)
-def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bq8: np.ndarray, bd: np.ndarray,
+def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq8: np.ndarray, bd: np.ndarray,
                   bsum: np.ndarray) -> None:
-    """Rows -> Q8_K (q as int16 and int8, d float32, int16 bsums: 16 per super-block, flat like q)."""
+    """Rows -> Q8_K (q as int8, d float32, int16 bsums: 16 per super-block, flat like q)."""
     for c in range(boff.shape[0]):
         for sb in range(K // 256):
             o = boff[c] + sb * 1024
@@ -96,7 +95,6 @@ def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bq
             if amax == 0:
                 bd[c, sb] = 0.0
                 for k in range(256):
-                    bq[c * K + sb * 256 + k] = 0
                     bq8[c * K + sb * 256 + k] = 0
                 for g in range(16):
                     bsum[c * (K // 16) + sb * 16 + g] = 0
@@ -106,7 +104,6 @@ def quantize_q8_k(bbuf: np.ndarray, boff: np.ndarray, K: int, bq: np.ndarray, bq
                 total = 0
                 for k in range(g * 16, g * 16 + 16):
                     q = min(127, _to_int8(np.rint(iscale * load_f(_F32, bbuf, o + 4 * k))))
-                    bq[c * K + sb * 256 + k] = q
                     bq8[c * K + sb * 256 + k] = q
                     total += q
                 bsum[c * (K // 16) + sb * 16 + g] = total

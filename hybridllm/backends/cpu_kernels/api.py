@@ -26,88 +26,88 @@ from .decode import OFFSET
 from .kernels import f_drain, k_drain, q32_drain
 from .threads import get_num_threads, run_items
 
-# Arguments of every entry: post, counter, nitems, nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo,
+# Arguments of every entry: post, counter, nitems, nch, rows, abuf, nb01, M, K, goff, gcols, gmode, colb, colo,
 # <activation arrays>, out. The literal first argument of a drain selects the decoder at compile time.
 
 
 @njit(cache=True, nogil=True)
-def _q4_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
-    q32_drain(2, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _q4_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out):
+    q32_drain(2, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q4_1(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
-    q32_drain(3, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _q4_1(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out):
+    q32_drain(3, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
-    q32_drain(6, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _q5_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out):
+    q32_drain(6, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_1(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
-    q32_drain(7, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _q5_1(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out):
+    q32_drain(7, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q8_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
-    q32_drain(8, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _q8_0(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out):
+    q32_drain(8, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _iq4_nl(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
-    q32_drain(20, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _iq4_nl(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out):
+    q32_drain(20, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _mxfp4(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out):
-    q32_drain(39, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, yc, dy, out)
+def _mxfp4(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out):
+    q32_drain(39, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, yc, dy, out)
 
 
 @njit(cache=True, nogil=True)
-def _q2_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
-    k_drain(10, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _q2_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out):
+    k_drain(10, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q3_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
-    k_drain(11, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _q3_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out):
+    k_drain(11, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q4_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
-    k_drain(12, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _q4_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out):
+    k_drain(12, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q5_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
-    k_drain(13, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _q5_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out):
+    k_drain(13, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _q6_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
-    k_drain(14, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _q6_k(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out):
+    k_drain(14, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _iq4_xs(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out):
-    k_drain(23, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bq, b8, bd, bx, out)
+def _iq4_xs(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out):
+    k_drain(23, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, b8, bd, bx, out)
 
 
 @njit(cache=True, nogil=True)
-def _f32(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):
-    f_drain(0, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
+def _f32(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, bf, out):
+    f_drain(0, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, bf, out)
 
 
 @njit(cache=True, nogil=True)
-def _f16(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):
-    f_drain(1, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
+def _f16(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, bf, out):
+    f_drain(1, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, bf, out)
 
 
 @njit(cache=True, nogil=True)
-def _bf16(p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out):
-    f_drain(30, p, c, n, nch, rows, a, nb01, M, K, go, gc, cb, co, bf, out)
+def _bf16(p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, bf, out):
+    f_drain(30, p, c, n, nch, rows, a, nb01, M, K, go, gc, gm, cb, co, bf, out)
 
 
 T = GGMLType
@@ -151,11 +151,11 @@ class _Scratch(threading.local):
         if family == "f":
             return (self.array("bf", np.float32, C * K),)
         nblk = K // (256 if family == "k" else 32)
-        bq, bq8 = self.array("bq", np.int16, C * K), self.array("bq8", np.int8, C * K)
+        bq8 = self.array("bq8", np.int8, C * K)
         bd = self.array("bd", np.float32, C * nblk).reshape(C, nblk)
         if family == "k":
-            return bq, bq8, bd, self.array("bsum", np.int16, C * K // 16)
-        return (bq, bq8, bd, self.array("bs", np.float32, C * nblk).reshape(C, nblk),
+            return bq8, bd, self.array("bsum", np.int16, C * K // 16)
+        return (bq8, bd, self.array("bs", np.float32, C * nblk).reshape(C, nblk),
                 self.array("ycorr", np.int32, C * nblk * 8), self.array("dyv", np.float32, C * nblk * 8))
 
 
@@ -177,7 +177,8 @@ def get_matmul(atype: int, btype: int) -> Binder | None:
     """The fast matmul for weight type `atype` and activation storage type `btype`, or None.
 
     The result binds a product once and returns the zero-argument call that computes it:
-        run = get_matmul(a, b)(abuf, nb01, M, K, goff, gcols, colb, colo, bbuf, boff, out); run()
+        run = get_matmul(a, b)(abuf, nb01, M, K, goff, gcols, gmode, colb, colo, bbuf, boff, out); run()
+    gmode: per group, the code path ggml takes (`mul_mat_mode`), whose float order the kernels replay.
     """
     if atype in _Q8_0_FAMILY or atype in _Q8_K_FAMILY:
         return _binder(atype, btype, "k" if atype in _Q8_K_FAMILY else "q32") if btype == T.F32 else None
@@ -186,17 +187,41 @@ def get_matmul(atype: int, btype: int) -> Binder | None:
     return None
 
 
+def mul_mat_mode(atype: int, btype: int, n: int, M: int, src1_contiguous: bool) -> int:
+    """The code path ggml's CPU backend (x86, AVX2 build) takes for a MUL_MAT with n activation rows per
+    2-D slice, as the kernels' mode (kernels.py): K-quants use the tiled kernel from 8 rows, IQ4_NL
+    llamafile's sgemm from 2 (else its two-accumulator vec_dot; MXFP4 always that), float weights sgemm
+    from 2 rows when M % 4 == 0 and its source is contiguous (a converted one always is)."""
+    if atype in _Q8_K_FAMILY:
+        return int(n >= 8)
+    if atype == T.MXFP4:
+        return 1
+    if atype == T.IQ4_NL:
+        return int(n < 2)
+    if atype in _Q8_0_FAMILY:
+        return 0
+    return int(n >= 2 and M % 4 == 0 and (src1_contiguous or btype != atype))
+
+
+def mul_mat_id_mode(atype: int, rows: int) -> int:
+    """As mul_mat_mode for one expert of a MUL_MAT_ID with `rows` routed activation rows (vec_dot, or the
+    tiled kernel for K-quants from 8 rows)."""
+    if atype in _Q8_K_FAMILY:
+        return int(rows >= 8)
+    return int(atype in (T.MXFP4, T.IQ4_NL))
+
+
 def _binder(atype: int, btype: int, family: str) -> Binder:
     families: dict[str, dict[int, Callable[..., None]]] = {"k": _Q8_K_FAMILY, "q32": _Q8_0_FAMILY,
                                                             "f": _FLOAT_FAMILY}
     entry = families[family][atype]
 
     def bind(abuf: np.ndarray, nb01: int, M: int, K: int, goff: np.ndarray, gcols: np.ndarray,
-             colb: np.ndarray, colo: np.ndarray, bbuf: np.ndarray, boff: np.ndarray,
+             gmode: np.ndarray, colb: np.ndarray, colo: np.ndarray, bbuf: np.ndarray, boff: np.ndarray,
              out: np.ndarray) -> Callable[[], None]:
         C = boff.shape[0]
         nitems, nch, rows = _layout(M, gcols.shape[0] - 1)
-        head = (nch, rows, abuf, nb01, M, K, goff, gcols, colb, colo)
+        head = (nch, rows, abuf, nb01, M, K, goff, gcols, gmode, colb, colo)
         macs = M * K * colb.shape[0]
         fa, fb = int(atype), int(btype)
         offset = OFFSET.get(fa, 0)

@@ -1,9 +1,10 @@
-"""Block decoders for the matmul kernels: ggml weight blocks -> I16x32 integer vectors.
+"""32-element block formats (and plain float weights) for the matmul kernels, as LLVM IR intrinsics.
 
 `fmt` is always a compile-time literal GGMLType id, so each kernel specialization contains only its
-format's code. Decoded values are the integers ggml's vec_dot multiplies with the int8 activations
-(e.g. q-8 for Q4_0, kvalues for IQ4_NL), so kernels reproduce ggml's integer sums exactly; the float
-scales are applied by the kernels. Layouts: /work/shared/spec/quant-formats.md.
+format's code. `q32_lanes` gives, per block, ggml's 8 int32 lanes (lane k: the products of elements
+4k..4k+3 with the int8 activations, e.g. (q-8)*y for Q4_0, kvalues*y for IQ4_NL), exactly; the float
+scales (`q32_scale2`, `q32_scale_at`) are applied by the kernels in ggml's order. Layouts:
+/work/shared/spec/quant-formats.md.
 """
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ from .simd import (
     _I32,
     _I64,
     HAS_MADDUBS,
+    F32x8,
     F32x16,
-    I16x32,
     I32x16,
-    _llvm_type,
     bits_to_bytes,
     byte_ptr,
     dot4_u8s8,
@@ -33,6 +33,8 @@ from .simd import (
     load_bytes,
     load_scalar,
     lookup16,
+    madd_i16,
+    masked_load,
     nibbles,
     shuffle,
     splat,
@@ -63,57 +65,46 @@ def _add(builder: ir.IRBuilder, off: ir.Value, k: int) -> ir.Value:
     return builder.add(off, ir.Constant(_I64, k))
 
 
-def _u8(builder: ir.IRBuilder, v: int) -> ir.Value:
-    return splat(builder, ir.Constant(_I8, v), 32)
+def _dec_q32_ir(f: int, context: Any, builder: ir.IRBuilder, aty: Any, a: ir.Value, o: ir.Value) -> ir.Value:
+    """The 32 signed values of the 32-element block at `o` as <32 x i16> (element order)."""
+    w = vty(_I16, 32)
+    if f == GGMLType.Q8_0:
+        return builder.sext(load_bytes(context, builder, aty, a, _add(builder, o, 2), 32), w)
+    if f in (GGMLType.IQ4_NL, GGMLType.MXFP4):
+        skip, table = (2, KVALUES_IQ4NL) if f == GGMLType.IQ4_NL else (1, KVALUES_FP4)
+        idx = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, skip), 16))
+        return builder.sext(lookup16(builder, idx, table), w)
+    qs_at = _QS_AT[f]
+    q = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, qs_at), 16))
+    if f in (GGMLType.Q5_0, GGMLType.Q5_1):
+        qh = load_scalar(context, builder, aty, a, _add(builder, o, qs_at - 4), _I32)
+        q = builder.or_(q, bits_to_bytes(builder, qh, 16))
+    q = builder.zext(q, w)
+    bias = OFFSET.get(f, 0)
+    return builder.sub(q, splat(builder, ir.Constant(_I16, bias), 32)) if bias else q
 
 
 @intrinsic
-def dec_q32(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
-    """The 32 integer values of the 32-element block at byte `off` (element order)."""
-    f = _literal(fmt, Q32_FORMATS)
-    if f is None or not isinstance(off, types.Integer):
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        aty, a = sig.args[1], args[1]
-        o = _i64(context, builder, args[2], sig.args[2])
-        w = vty(_I16, 32)
-        if f == GGMLType.Q8_0:
-            return builder.sext(load_bytes(context, builder, aty, a, _add(builder, o, 2), 32), w)
-        if f in (GGMLType.IQ4_NL, GGMLType.MXFP4):
-            skip, table = (2, KVALUES_IQ4NL) if f == GGMLType.IQ4_NL else (1, KVALUES_FP4)
-            idx = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, skip), 16))
-            return builder.sext(lookup16(builder, idx, table), w)
-        qs_at = _QS_AT[f]
-        q = nibbles(builder, load_bytes(context, builder, aty, a, _add(builder, o, qs_at), 16))
-        if f in (GGMLType.Q5_0, GGMLType.Q5_1):
-            qh = load_scalar(context, builder, aty, a, _add(builder, o, qs_at - 4), _I32)
-            q = builder.or_(q, bits_to_bytes(builder, qh, 16))
-        q = builder.zext(q, w)
-        bias = OFFSET.get(f, 0)
-        return builder.sub(q, splat(builder, ir.Constant(_I16, bias), 32)) if bias else q
-    return I16x32(fmt, buf, off), codegen
-
-
-@intrinsic
-def load_f16x(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
-    """16 consecutive F32/F16/BF16 elements at byte `off` as F32x16 (exact conversion)."""
+def load8_f(typingctx: Any, fmt: Any, buf: Any, off: Any, count: Any) -> Any:
+    """`count` (<= 8) consecutive F32/F16/BF16 elements at byte `off` as F32x8, the other lanes 0 and
+    their memory untouched."""
     f = _literal(fmt, F_FORMATS)
-    if f is None or not isinstance(off, types.Integer):
+    if f is None or not isinstance(off, types.Integer) or not isinstance(count, types.Integer):
         return None
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
         aty, a = sig.args[1], args[1]
         o = _i64(context, builder, args[2], sig.args[2])
-        ft = _llvm_type(F32x16)
+        cnt = _i64(context, builder, args[3], sig.args[3])
+        ft = vty(_F32, 8)
         if f == GGMLType.F32:
-            return builder.load(byte_ptr(context, builder, aty, a, o, ft), align=1)
+            return masked_load(builder, byte_ptr(context, builder, aty, a, o, ft), cnt, ft)
+        bits = masked_load(builder, byte_ptr(context, builder, aty, a, o, vty(_I16, 8)), cnt, vty(_I16, 8))
         if f == GGMLType.F16:
-            return builder.fpext(builder.load(byte_ptr(context, builder, aty, a, o, vty(_HALF, 16)), align=1), ft)
-        bits = builder.load(byte_ptr(context, builder, aty, a, o, vty(_I16, 16)), align=1)
-        wide = builder.shl(builder.zext(bits, vty(_I32, 16)), splat(builder, ir.Constant(_I32, 16), 16))
+            return builder.fpext(builder.bitcast(bits, vty(_HALF, 8)), ft)
+        wide = builder.shl(builder.zext(bits, vty(_I32, 8)), splat(builder, ir.Constant(_I32, 16), 8))
         return builder.bitcast(wide, ft)
-    return F32x16(fmt, buf, off), codegen
+    return F32x8(fmt, buf, off, count), codegen
 
 
 @intrinsic
@@ -133,17 +124,6 @@ def load_f(typingctx: Any, fmt: Any, buf: Any, off: Any) -> Any:
             return fp16_bits_to_f32(builder, bits)
         return builder.bitcast(builder.shl(builder.zext(bits, _I32), ir.Constant(_I32, 16)), _F32)
     return types.float32(fmt, buf, off), codegen
-
-
-@intrinsic
-def u32_at(typingctx: Any, buf: Any, off: Any) -> Any:
-    if not isinstance(off, types.Integer):
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        o = _i64(context, builder, args[1], sig.args[1])
-        return builder.zext(load_scalar(context, builder, sig.args[0], args[0], o, _I32), _I64)
-    return types.int64(buf, off), codegen
 
 
 @intrinsic
@@ -200,26 +180,34 @@ def _ntuple(t: Any) -> int | None:
 
 
 @intrinsic
-def q32_dot8x2(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any, bq8: Any, es: Any, ycorr: Any,
-               yis: Any) -> Any:
-    """Integer dot products of the two blocks at `off` and `off + bsz` with 64 int8 activations at each
-    element of the tuple `es` of `bq8`; per activation row an I32x16 whose lanes 0-7 sum to block 0's dot
-    and lanes 8-15 to block 1's (lane k: elements 4k..4k+3, exact). Weights go in as unsigned bytes
-    (vpdpbusd, or vpmaddubsw + vpmaddwd), decoded once; their offset is taken back out lane by lane by
-    starting from `ycorr` (int32, 8 per block: -offset times the activation's sums of 4) at `yis`."""
+def q32_lanes(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any, two: Any, bq8: Any, es: Any, ycorr: Any,
+              yis: Any) -> Any:
+    """ggml's 8 int32 lanes (lane k: products of elements 4k..4k+3) of the block at `off`, and if the literal
+    `two` is 1 of the next block at `off + bsz`, against the int8 activations at each element of the tuple
+    `es` of `bq8`: per activation row an I32x16, lanes 0-7 for the first block, 8-15 for the second (0 if
+    none). With vpmaddubsw the weights go in as unsigned bytes (q + offset, the offset taken back out by
+    starting from `ycorr`, -offset times the activation's sums of 4, at `yis`) or, for SIGNED types, as
+    |q| against sign-moved activations; without, as int16 products."""
     f = _literal(fmt, Q32_FORMATS)
     n = _ntuple(es)
-    if f is None or n is None or _ntuple(yis) != n or not isinstance(off, types.Integer):
+    if (f is None or n is None or _ntuple(yis) != n or not isinstance(off, types.Integer)
+            or not isinstance(two, types.IntegerLiteral)):
         return None
+    pair = bool(two.literal_value)
     ret = types.UniTuple(I32x16, n)
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        if f not in BYTE_FORMATS or not HAS_MADDUBS:  # typed for every 32-block format, never reached
-            return context.make_tuple(builder, ret, [ir.Constant(vty(_I32, 16), None)] * n)
         aty, a = sig.args[1], args[1]
         o = _i64(context, builder, args[2], sig.args[2])
         o2 = builder.add(o, _i64(context, builder, args[3], sig.args[3]))
-        u = shuffle(builder, _block_u8(context, builder, aty, a, o, f), _block_u8(context, builder, aty, a, o2, f),
+        starts = [_i64(context, builder, builder.extract_value(args[6], i), sig.args[6].dtype) for i in range(n)]
+        width = 64 if pair else 32
+        load_y = [builder.load(byte_ptr(context, builder, sig.args[5], args[5], e, vty(_I8, width)), align=1)
+                  for e in starts]
+        if not HAS_MADDUBS:
+            return context.make_tuple(builder, ret, _lanes_i16(f, context, builder, aty, a, o, o2, pair, load_y))
+        u = _block_u8(context, builder, aty, a, o, f)
+        u = shuffle(builder, u, _block_u8(context, builder, aty, a, o2, f) if pair else ir.Constant(u.type, None),
                     list(range(64)))
         zero = ir.Constant(u.type, None)
         negative = builder.icmp_signed("<", u, zero) if f in SIGNED else None
@@ -227,18 +215,40 @@ def q32_dot8x2(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsz: Any, bq8: Any
             u = builder.select(negative, builder.sub(zero, u), u)
         out = []
         for i in range(n):
-            ye = _i64(context, builder, builder.extract_value(args[5], i), sig.args[5].dtype)
-            y = builder.load(byte_ptr(context, builder, sig.args[4], args[4], ye, vty(_I8, 64)), align=1)
+            y = load_y[i] if pair else shuffle(builder, load_y[i], ir.Constant(load_y[i].type, None),
+                                               list(range(64)))
             if negative is not None:
                 y = builder.select(negative, builder.sub(zero, y), y)
             acc = ir.Constant(vty(_I32, 16), None)
             if f in OFFSET:  # start from -offset * (sums of 4 activations): the lanes come out exact
-                yo = builder.mul(_i64(context, builder, builder.extract_value(args[7], i), sig.args[7].dtype),
+                yo = builder.mul(_i64(context, builder, builder.extract_value(args[8], i), sig.args[8].dtype),
                                  ir.Constant(_I64, 4))
-                acc = builder.load(byte_ptr(context, builder, sig.args[6], args[6], yo, vty(_I32, 16)), align=4)
+                acc = builder.load(byte_ptr(context, builder, sig.args[7], args[7], yo, vty(_I32, 16 if pair else 8)),
+                                   align=4)
+                if not pair:
+                    acc = shuffle(builder, acc, ir.Constant(acc.type, None), list(range(16)))
             out.append(dot4_u8s8(builder, acc, u, y))
         return context.make_tuple(builder, ret, out)
-    return ret(fmt, abuf, off, bsz, bq8, es, ycorr, yis), codegen
+    return ret(fmt, abuf, off, bsz, two, bq8, es, ycorr, yis), codegen
+
+
+def _lanes_i16(f: int, context: Any, builder: ir.IRBuilder, aty: Any, a: ir.Value, o: ir.Value, o2: ir.Value,
+               pair: bool, ys: list[ir.Value]) -> list[ir.Value]:
+    """Portable q32_lanes: int16 products (lanes of 2 elements) folded to lanes of 4."""
+    blocks = [_dec_q32_ir(f, context, builder, aty, a, o)] + ([_dec_q32_ir(f, context, builder, aty, a, o2)]
+                                                             if pair else [])
+    out = []
+    for y in ys:
+        halves = []
+        for k, q in enumerate(blocks):
+            yk = builder.sext(shuffle(builder, y, y, list(range(32 * k, 32 * k + 32))), vty(_I16, 32))
+            p = madd_i16(builder, q, yk)
+            halves.append(builder.add(shuffle(builder, p, p, list(range(0, 16, 2))),
+                                      shuffle(builder, p, p, list(range(1, 16, 2)))))
+        if len(halves) == 1:
+            halves.append(ir.Constant(vty(_I32, 8), None))
+        out.append(shuffle(builder, halves[0], halves[1], list(range(16))))
+    return out
 
 
 @intrinsic

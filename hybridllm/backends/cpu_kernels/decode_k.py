@@ -1,11 +1,11 @@
-"""Whole-super-block dot products for the K-quants and IQ4_XS, generated as one piece of LLVM IR.
+"""K-quant (and IQ4_XS) super-blocks against Q8_K activations, generated as LLVM IR, with ggml's exact
+integer lanes.
 
-For a 256-element super-block of weight type `fmt` and n activation rows (Q8_K values as int16) the
-intrinsic `ksb_dot` returns, per row, 16 int32 lanes whose sum is ggml's integer super-block sum
-sum_g scale_g * dot(q_g, y_g). The 16 sub-block scales are decoded with a few vector shuffles, each
-32-element chunk is decoded once and multiplied by its scales in int16 (|q*scale| < 2**12), then
-vpmaddwd'ed with each activation row. `ksb_min` gives the matching mins term sum_g min_g * bsum_g
-(Q2_K, Q4_K, Q5_K), from the activation's int16 sums of 16. Layouts: quant-formats.md.
+ggml's AVX2 vec_dot keeps, per super-block, 8 int32 lanes: lane l sums, over the eight 32-element chunks,
+scale * (products of chunk elements 4l..4l+3) (Q6_K then subtracts 32 * (scale*bsum of groups 2l and
+2l+1)); its float math depends on those lanes, so `ksb_lanes` returns exactly them (from vpmaddubsw /
+vpdpwssd, or int16 products on hosts without them). `ksb_mins` returns the lanes of ggml's mins
+products (4 for Q4_K/Q5_K, 8 for Q2_K), `ksb_d` the super-block's d and dmin. Layouts: quant-formats.md.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .simd import (
     _I32,
     _I64,
     HAS_MADDUBS,
-    I32x16,
+    I32x8,
     byte_ptr,
     dot2_i16,
     fp16_bits_to_f32,
@@ -107,7 +107,8 @@ def _scales(f: int, b: _Block) -> tuple[ir.Value, ir.Value | None]:
 
 
 def _chunk(f: int, b: _Block, j: int) -> ir.Value:
-    """Integer values of elements 32j..32j+31 as <32 x i16> (before scaling)."""
+    """Values of elements 32j..32j+31 as <32 x i16> as ggml multiplies them: signed q, except Q6_K's
+    unsigned 6-bit codes (its -32 comes back through the bsums)."""
     bb = b.b
     h, jj = divmod(j, 4)
     if f in (GGMLType.Q4_K, GGMLType.Q5_K):
@@ -120,8 +121,7 @@ def _chunk(f: int, b: _Block, j: int) -> ir.Value:
         ql = b.bytes(64 * h + 32 * (jj & 1), 32)
         lo4 = b.shr(ql, 4) if jj >= 2 else b.mask(ql, 15)
         hi2 = b.mask(b.shr(b.bytes(128 + 32 * h, 32), 2 * jj), 3)
-        q = b.i16(bb.or_(lo4, bb.shl(hi2, b.k(hi2, 4))))
-        return bb.sub(q, b.k(q, 32))
+        return b.i16(bb.or_(lo4, bb.shl(hi2, b.k(hi2, 4))))
     if f == GGMLType.IQ4_XS:
         return b.i16(lookup16(bb, nibbles(bb, b.bytes(8 + 16 * j, 16)), KVALUES_IQ4NL), signed=True)
     q2 = b.mask(b.shr(b.bytes((32 if f == GGMLType.Q3_K else 16) + 32 * h, 32), 2 * jj), 3)
@@ -132,18 +132,46 @@ def _chunk(f: int, b: _Block, j: int) -> ir.Value:
     return bb.sub(q, b.k(q, 4))
 
 
+def _concat(bb: ir.IRBuilder, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    return shuffle(bb, lo, hi, list(range(2 * lo.type.count)))
+
+
+def _pair_bytes(f: int, b: _Block, p: int) -> tuple[ir.Value, ir.Value | None]:
+    """Elements 64p..64p+63 for vpmaddubsw as <64 x i8>: (unsigned codes, None), or for Q3_K
+    (low 2 bits, 4 where the high bit is clear) whose products ggml subtracts, or for IQ4_XS
+    (signed values, None) which take the sign trick."""
+    bb = b.b
+    h, j0 = divmod(2 * p, 4)
+    if f in (GGMLType.Q4_K, GGMLType.Q5_K):
+        qs = b.bytes((16 if f == GGMLType.Q4_K else 48) + 32 * p, 32)
+        u = _concat(bb, b.mask(qs, 15), b.shr(qs, 4))
+        if f == GGMLType.Q5_K:
+            qh = b.bytes(16, 32)
+            hb = _concat(bb, b.mask(b.shr(qh, 2 * p), 1), b.mask(b.shr(qh, 2 * p + 1), 1))
+            u = bb.or_(u, bb.shl(hb, b.k(hb, 4)))
+        return u, None
+    if f == GGMLType.Q6_K:
+        ql = b.bytes(64 * h, 64)
+        lo4 = b.shr(ql, 4) if j0 == 2 else b.mask(ql, 15)
+        qh = b.bytes(128 + 32 * h, 32)
+        hi2 = _concat(bb, b.mask(b.shr(qh, 2 * j0), 3), b.mask(b.shr(qh, 2 * j0 + 2), 3))
+        return bb.or_(lo4, bb.shl(hi2, b.k(hi2, 4))), None
+    if f == GGMLType.IQ4_XS:
+        lo, hi = (lookup16(bb, nibbles(bb, b.bytes(8 + 32 * p + 16 * k, 16)), KVALUES_IQ4NL) for k in (0, 1))
+        return _concat(bb, lo, hi), None
+    qs = b.bytes((32 if f == GGMLType.Q3_K else 16) + 32 * h, 32)
+    u = _concat(bb, b.mask(b.shr(qs, 2 * j0), 3), b.mask(b.shr(qs, 2 * j0 + 2), 3))
+    if f == GGMLType.Q2_K:
+        return u, None
+    hm = b.bytes(0, 32)
+    hb = _concat(bb, b.mask(b.shr(hm, 4 * h + j0), 1), b.mask(b.shr(hm, 4 * h + j0 + 1), 1))
+    return u, bb.shl(bb.xor(hb, b.k(hb, 1)), b.k(hb, 2))
+
+
 def _cols(sig_cols: Any) -> int | None:
     if isinstance(sig_cols, types.UniTuple) and isinstance(sig_cols.dtype, types.Integer):
         return sig_cols.count
     return None
-
-
-def _madd16(bb: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
-    """<2n x i16> x <2n x i16> -> <n x i32> pairwise sums (vpmaddwd)."""
-    n = a.type.count
-    wide = vty(_I32, n)
-    p = bb.mul(bb.sext(a, wide), bb.sext(b, wide))
-    return bb.add(shuffle(bb, p, p, list(range(0, n, 2))), shuffle(bb, p, p, list(range(1, n, 2))))
 
 
 def _i16_at(context: Any, builder: ir.IRBuilder, aty: Any, ary: ir.Value, elem: ir.Value, n: int) -> ir.Value:
@@ -151,67 +179,111 @@ def _i16_at(context: Any, builder: ir.IRBuilder, aty: Any, ary: ir.Value, elem: 
     return builder.load(byte_ptr(context, builder, aty, ary, off, vty(_I16, n)), align=2)
 
 
-def _typer(fmt: Any, abuf: Any, off: Any, vec: Any, cols: Any) -> tuple[int, int] | None:
-    n = _cols(cols)
-    ok = (isinstance(fmt, types.IntegerLiteral) and fmt.literal_value in K_FORMATS and n is not None
-          and isinstance(off, types.Integer) and isinstance(vec, types.Array) and vec.dtype == types.int16)
-    return (int(fmt.literal_value), n) if ok and n is not None else None
+def _i8_at(context: Any, builder: ir.IRBuilder, aty: Any, ary: ir.Value, elem: ir.Value, n: int) -> ir.Value:
+    return builder.load(byte_ptr(context, builder, aty, ary, elem, vty(ir.IntType(8), n)), align=1)
+
+
+def _fold(bb: ir.IRBuilder, v: ir.Value, adjacent: bool) -> ir.Value:
+    """<2n x i32> -> <n x i32>: lanes k and k+n (adjacent=False) or 2k and 2k+1 summed."""
+    n = v.type.count // 2
+    a = list(range(0, 2 * n, 2)) if adjacent else list(range(n))
+    c = list(range(1, 2 * n, 2)) if adjacent else list(range(n, 2 * n))
+    return bb.add(shuffle(bb, v, v, a), shuffle(bb, v, v, c))
+
+
+def _lanes_bytes(f: int, blk: _Block, sc16: ir.Value, ys: list[ir.Value], load_y: Any) -> list[ir.Value]:
+    """vpmaddubsw path: per activation row, ggml's 8 lanes (before Q6_K's bsum term)."""
+    bb = blk.b
+    acc = [ir.Constant(vty(_I32, 16), None)] * len(ys)
+    for p in range(4):
+        u, sub = _pair_bytes(f, blk, p)
+        negative = None
+        if f == GGMLType.IQ4_XS:  # ggml's sign trick: |q| times y with q's sign
+            zero = ir.Constant(u.type, None)
+            negative = bb.icmp_signed("<", u, zero)
+            u = bb.select(negative, bb.sub(zero, u), u)
+        scv = shuffle(bb, sc16, sc16, [4 * p + k // 8 for k in range(32)])
+        for i, start in enumerate(ys):
+            y = load_y(bb.add(start, ir.Constant(_I64, 64 * p)))
+            if negative is not None:
+                y = bb.select(negative, bb.sub(ir.Constant(y.type, None), y), y)
+            prod = maddubs(bb, u, y)
+            if sub is not None:
+                prod = bb.sub(prod, maddubs(bb, sub, y))
+            acc[i] = dot2_i16(bb, acc[i], prod, scv)
+    return [_fold(bb, a, adjacent=False) for a in acc]
+
+
+def _lanes_i16(f: int, blk: _Block, sc16: ir.Value, ys: list[ir.Value], load_y: Any) -> list[ir.Value]:
+    """Portable path: int16 products of each chunk (lanes of 2 elements), folded to lanes of 4."""
+    bb = blk.b
+    acc = [ir.Constant(vty(_I32, 16), None)] * len(ys)
+    for j in range(8):
+        q = bb.mul(_chunk(f, blk, j), shuffle(bb, sc16, sc16, [2 * j] * 16 + [2 * j + 1] * 16))
+        for i, start in enumerate(ys):
+            y = bb.sext(load_y(bb.add(start, ir.Constant(_I64, 32 * j))), vty(_I16, 32))
+            acc[i] = bb.add(acc[i], madd_i16(bb, q, y))
+    return [_fold(bb, a, adjacent=True) for a in acc]
 
 
 @intrinsic
-def ksb_dot(typingctx: Any, fmt: Any, abuf: Any, off: Any, bq: Any, cols: Any) -> Any:
-    """Integer super-block sums of the block at byte `off` against the activation rows starting at int16
-    elements `cols` (a tuple) of `bq`: a tuple of I32x16, one per row."""
-    spec = _typer(fmt, abuf, off, bq, cols)
-    if spec is None:
+def ksb_lanes(typingctx: Any, fmt: Any, abuf: Any, off: Any, bq8: Any, bsum: Any, qcols: Any, scols: Any) -> Any:
+    """ggml's 8 int32 lanes for the super-block at byte `off` against each activation row of the tuple
+    `qcols` (int8 element offsets into `bq8`; `scols`: their 16 int16 bsums in `bsum`): one I32x8 per row."""
+    n = _cols(qcols)
+    if not (isinstance(fmt, types.IntegerLiteral) and fmt.literal_value in K_FORMATS and n is not None
+            and _cols(scols) == n and isinstance(bq8, types.Array) and bq8.dtype == types.int8
+            and isinstance(bsum, types.Array) and bsum.dtype == types.int16 and isinstance(off, types.Integer)):
         return None
-    f, n = spec
-    ret = types.UniTuple(I32x16, n)
+    f = int(fmt.literal_value)
+    ret = types.UniTuple(I32x8, n)
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        blk = _Block(context, builder, sig.args[1], args[1],
-                     context.cast(builder, args[2], sig.args[2], types.int64))
+        blk = _Block(context, builder, sig.args[1], args[1], context.cast(builder, args[2], sig.args[2], types.int64))
         sc16, _ = _scales(f, blk)
-        starts = [context.cast(builder, builder.extract_value(args[4], i), sig.args[4].dtype, types.int64)
-                  for i in range(n)]
-        acc: list[ir.Value | None] = [None] * n
-        for j in range(8):
-            q = builder.mul(_chunk(f, blk, j), shuffle(builder, sc16, sc16, [2 * j] * 16 + [2 * j + 1] * 16))
+        ys = [context.cast(builder, builder.extract_value(args[5], i), sig.args[5].dtype, types.int64)
+              for i in range(n)]
+        width = 64 if HAS_MADDUBS else 32
+        load_y = lambda e: _i8_at(context, builder, sig.args[3], args[3], e, width)
+        lanes = (_lanes_bytes if HAS_MADDUBS else _lanes_i16)(f, blk, sc16, ys, load_y)
+        if f == GGMLType.Q6_K:  # ggml: lane l -= 32 * (scale*bsum of groups 2l and 2l+1)
             for i in range(n):
-                y = _i16_at(context, builder, sig.args[3], args[3],
-                            builder.add(starts[i], ir.Constant(_I64, 32 * j)), 32)
-                p = _madd16(builder, q, y)
-                acc[i] = p if acc[i] is None else builder.add(acc[i], p)
-        return context.make_tuple(builder, ret, acc)
-    return ret(fmt, abuf, off, bq, cols), codegen
+                start = context.cast(builder, builder.extract_value(args[6], i), sig.args[6].dtype, types.int64)
+                corr = madd_i16(builder, _i16_at(context, builder, sig.args[4], args[4], start, 16), sc16)
+                lanes[i] = builder.sub(lanes[i], builder.shl(corr, splat(builder, ir.Constant(_I32, 5), 8)))
+        return context.make_tuple(builder, ret, lanes)
+    return ret(fmt, abuf, off, bq8, bsum, qcols, scols), codegen
 
 
 @intrinsic
-def ksb_min(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsum: Any, cols: Any) -> Any:
-    """sum_g min_g * bsum_g of the block at `off` (mins of Q2_K/Q4_K/Q5_K) against the 16 int16 group sums
-    at elements `cols` of `bsum`: a tuple of I32x16 (8 partial sums, 8 zeros) per row."""
-    spec = _typer(fmt, abuf, off, bsum, cols)
-    if spec is None:
+def ksb_mins(typingctx: Any, fmt: Any, abuf: Any, off: Any, bsum: Any, scols: Any) -> Any:
+    """ggml's mins products of the super-block at `off` with each activation row's 16 int16 bsums (element
+    offsets `scols` of `bsum`), as I32x8: Q4_K/Q5_K lane k (k < 4) = m(2k)*s(2k) + m(2k+1)*s(2k+1) with s
+    the 32-element sums; Q2_K lane k = m(2k)*b(2k) + m(2k+1)*b(2k+1); zeros for types without mins."""
+    n = _cols(scols)
+    if not (isinstance(fmt, types.IntegerLiteral) and fmt.literal_value in K_FORMATS and n is not None
+            and isinstance(bsum, types.Array) and bsum.dtype == types.int16 and isinstance(off, types.Integer)):
         return None
-    f, n = spec
-    ret = types.UniTuple(I32x16, n)
+    f = int(fmt.literal_value)
+    ret = types.UniTuple(I32x8, n)
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        blk = _Block(context, builder, sig.args[1], args[1],
-                     context.cast(builder, args[2], sig.args[2], types.int64))
         zero8 = ir.Constant(vty(_I32, 8), None)
         if f not in HAS_MINS:  # typed for every K format; only reached for those with mins
-            return context.make_tuple(builder, ret, [shuffle(builder, zero8, zero8, list(range(16)))] * n)
+            return context.make_tuple(builder, ret, [zero8] * n)
+        blk = _Block(context, builder, sig.args[1], args[1], context.cast(builder, args[2], sig.args[2], types.int64))
         _, mn16 = _scales(f, blk)
         assert mn16 is not None
         out = []
         for i in range(n):
             start = context.cast(builder, builder.extract_value(args[4], i), sig.args[4].dtype, types.int64)
-            p = _madd16(builder, mn16, _i16_at(context, builder, sig.args[3], args[3], start, 16))
-            out.append(shuffle(builder, p, zero8, list(range(16))))
+            prod = madd_i16(builder, mn16, _i16_at(context, builder, sig.args[3], args[3], start, 16))
+            if f != GGMLType.Q2_K:  # m_j is in both of its 16-groups: lanes 2k, 2k+1 -> lane k
+                prod = shuffle(builder, _fold(builder, prod, adjacent=True), ir.Constant(vty(_I32, 4), None),
+                               list(range(8)))
+            out.append(prod)
         return context.make_tuple(builder, ret, out)
-    return ret(fmt, abuf, off, bsum, cols), codegen
-
+    return ret(fmt, abuf, off, bsum, scols), codegen
 
 
 _D_AT: dict[int, tuple[int, int | None]] = {  # byte offsets of d and dmin
@@ -237,82 +309,3 @@ def ksb_d(typingctx: Any, fmt: Any, abuf: Any, off: Any) -> Any:
     return ret(fmt, abuf, off), codegen
 
 
-# --- byte-product path (x86 vpmaddubsw): unsigned weight bytes times int8 activations ---------------
-
-BYTE_FORMATS = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
-_OFFSET: dict[int, int] = {GGMLType.Q3_K: 4, GGMLType.Q6_K: 32}  # stored unsigned value = q + offset
-
-
-def _concat(bb: ir.IRBuilder, lo: ir.Value, hi: ir.Value) -> ir.Value:
-    return shuffle(bb, lo, hi, list(range(2 * lo.type.count)))
-
-
-def _pair_u8(f: int, b: _Block, p: int) -> ir.Value:
-    """Elements 64p..64p+63 as unsigned bytes (q + offset), <64 x i8>."""
-    bb = b.b
-    h, j0 = divmod(2 * p, 4)
-    if f in (GGMLType.Q4_K, GGMLType.Q5_K):
-        qs = b.bytes((16 if f == GGMLType.Q4_K else 48) + 32 * p, 32)
-        u = _concat(bb, b.mask(qs, 15), b.shr(qs, 4))
-        if f == GGMLType.Q5_K:
-            qh = b.bytes(16, 32)
-            hb = _concat(bb, b.mask(b.shr(qh, 2 * p), 1), b.mask(b.shr(qh, 2 * p + 1), 1))
-            u = bb.or_(u, bb.shl(hb, b.k(hb, 4)))
-        return u
-    if f == GGMLType.Q6_K:
-        ql = b.bytes(64 * h, 64)
-        lo4 = b.shr(ql, 4) if j0 == 2 else b.mask(ql, 15)
-        qh = b.bytes(128 + 32 * h, 32)
-        hi2 = _concat(bb, b.mask(b.shr(qh, 2 * j0), 3), b.mask(b.shr(qh, 2 * j0 + 2), 3))
-        return bb.or_(lo4, bb.shl(hi2, b.k(hi2, 4)))
-    qs = b.bytes((32 if f == GGMLType.Q3_K else 16) + 32 * h, 32)
-    u = _concat(bb, b.mask(b.shr(qs, 2 * j0), 3), b.mask(b.shr(qs, 2 * j0 + 2), 3))
-    if f == GGMLType.Q3_K:
-        hm = b.bytes(0, 32)
-        hb = _concat(bb, b.mask(b.shr(hm, 4 * h + j0), 1), b.mask(b.shr(hm, 4 * h + j0 + 1), 1))
-        u = bb.or_(u, bb.shl(hb, b.k(hb, 2)))
-    return u
-
-
-def _i8_at(context: Any, builder: ir.IRBuilder, aty: Any, ary: ir.Value, elem: ir.Value, n: int) -> ir.Value:
-    return builder.load(byte_ptr(context, builder, aty, ary, elem, vty(ir.IntType(8), n)), align=1)
-
-
-@intrinsic
-def ksb_dot8(typingctx: Any, fmt: Any, abuf: Any, off: Any, bq8: Any, bsum: Any, qcols: Any, scols: Any) -> Any:
-    """As ksb_dot, with int8 activations (`bq8`, elements `qcols`) and vpmaddubsw: weight bytes are made
-    unsigned (q + offset) and the offset comes back out through the activation's int16 16-sums (`bsum`,
-    elements `scols`). Exact integer sums, as ksb_dot."""
-    n = _cols(qcols)
-    if not (isinstance(fmt, types.IntegerLiteral) and fmt.literal_value in K_FORMATS and n is not None
-            and _cols(scols) == n and isinstance(bq8, types.Array) and bq8.dtype == types.int8
-            and isinstance(bsum, types.Array) and bsum.dtype == types.int16):
-        return None
-    f = int(fmt.literal_value)
-    ret = types.UniTuple(I32x16, n)
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        if f not in BYTE_FORMATS or not HAS_MADDUBS:  # typed for every K format, never reached for these
-            return context.make_tuple(builder, ret, [ir.Constant(vty(_I32, 16), None)] * n)
-        blk = _Block(context, builder, sig.args[1], args[1],
-                     context.cast(builder, args[2], sig.args[2], types.int64))
-        sc16, _ = _scales(f, blk)
-        qs = [context.cast(builder, builder.extract_value(args[5], i), sig.args[5].dtype, types.int64)
-              for i in range(n)]
-        acc = [ir.Constant(vty(_I32, 16), None)] * n
-        for p in range(4):
-            u = _pair_u8(f, blk, p)
-            scv = shuffle(builder, sc16, sc16, [4 * p + k // 8 for k in range(32)])
-            for i in range(n):
-                y = _i8_at(context, builder, sig.args[3], args[3], builder.add(qs[i], ir.Constant(_I64, 64 * p)), 64)
-                acc[i] = dot2_i16(builder, acc[i], maddubs(builder, u, y), scv)
-        off = _OFFSET.get(f, 0)
-        if off:
-            zero8 = ir.Constant(vty(_I32, 8), None)
-            for i in range(n):
-                start = context.cast(builder, builder.extract_value(args[6], i), sig.args[6].dtype, types.int64)
-                corr = madd_i16(builder, sc16, _i16_at(context, builder, sig.args[4], args[4], start, 16))
-                corr = builder.mul(corr, splat(builder, ir.Constant(_I32, off), 8))
-                acc[i] = builder.sub(acc[i], shuffle(builder, corr, zero8, list(range(16))))
-        return context.make_tuple(builder, ret, acc)
-    return ret(fmt, abuf, off, bq8, bsum, qcols, scols), codegen

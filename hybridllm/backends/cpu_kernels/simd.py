@@ -1,9 +1,11 @@
-"""A few SIMD vector values and operations for numba kernels, written as LLVM IR intrinsics.
+"""SIMD vector values and operations for numba kernels, written as LLVM IR intrinsics.
 
-numba has no vector types and (with its default SLP vectorizer off) does not vectorize the short
-int8 dot products of block formats. These intrinsics give kernels explicit vectors that live in
-registers: I16x32 block values, their pairwise products as I32x16 (LLVM emits vpmaddwd), F32x16
-accumulators (vfmadd). LLVM legalizes the 512-bit shapes to whatever the host has (2 x ymm on AVX2).
+numba has no vector types and (with its default SLP vectorizer off) does not vectorize the short int8
+dot products of block formats. These intrinsics give kernels explicit vectors that live in registers:
+integer lane sums (I32x16 for two 32-element blocks, I32x8 for ggml's 8 lanes), float accumulators of 8
+lanes replaying ggml's AVX2 float order (F32x8, F32x4; FMA, hsum_float_8's tree), byte products
+(vpmaddubsw / AVX512-VNNI vpdpbusd, vpdpwssd where present), atomics and `pause` for the thread pool.
+LLVM legalizes the shapes to whatever the host has.
 
 Memory operands are (uint8 array, byte offset) pairs: kernels read raw ggml blocks from a buffer.
 No bounds checks: callers guarantee the offsets are in range.
@@ -35,7 +37,6 @@ class Vec(types.Type):
         super().__init__(name=f"Vec({elem}x{lanes})")
 
 
-I16x32 = Vec("i16", 32)
 I32x16 = Vec("i32", 16)
 F32x16 = Vec("f32", 16)
 _ELEM = {"i16": _I16, "i32": _I32, "f32": _F32}
@@ -116,13 +117,6 @@ def lookup16(builder: ir.IRBuilder, idx: ir.Value, table: list[int]) -> ir.Value
     return out
 
 
-def scale_halves(builder: ir.IRBuilder, q: ir.Value, s0: ir.Value, s1: ir.Value) -> ir.Value:
-    """<32 x i16> q times s0 in lanes 0..15 and s1 in lanes 16..31 (i16 products, known to fit)."""
-    a = splat(builder, builder.trunc(s0, _I16), 16)
-    b = splat(builder, builder.trunc(s1, _I16), 16)
-    return builder.mul(q, shuffle(builder, a, b, list(range(32))))
-
-
 def fp16_bits_to_f32(builder: ir.IRBuilder, bits: ir.Value) -> ir.Value:
     return builder.fpext(builder.bitcast(bits, _HALF), _F32)
 
@@ -146,32 +140,6 @@ def _hadd(builder: ir.IRBuilder, v: ir.Value, add: Callable[[ir.Value, ir.Value]
 # --- vector intrinsics usable from @njit code --------------------------------------------------------
 
 @intrinsic
-def zero_f32x16(typingctx: Any) -> Any:
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        return ir.Constant(_llvm_type(F32x16), None)
-    return F32x16(), codegen
-
-
-@intrinsic
-def zero_i32x16(typingctx: Any) -> Any:
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        return ir.Constant(_llvm_type(I32x16), None)
-    return I32x16(), codegen
-
-
-@intrinsic
-def load_i16x32(typingctx: Any, ary: Any, idx: Any) -> Any:
-    """32 int16 values ary[idx:idx+32] of a 1-D int16 array."""
-    if not (isinstance(ary, types.Array) and ary.dtype == types.int16 and isinstance(idx, types.Integer)):
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        off = builder.mul(context.cast(builder, args[1], sig.args[1], types.int64), ir.Constant(_I64, 2))
-        return builder.load(byte_ptr(context, builder, sig.args[0], args[0], off, _llvm_type(I16x32)), align=2)
-    return I16x32(ary, idx), codegen
-
-
-@intrinsic
 def load_f32x16(typingctx: Any, ary: Any, idx: Any) -> Any:
     """16 float32 values ary[idx:idx+16] of a 1-D float32 array."""
     if not (isinstance(ary, types.Array) and ary.dtype == types.float32 and isinstance(idx, types.Integer)):
@@ -181,76 +149,6 @@ def load_f32x16(typingctx: Any, ary: Any, idx: Any) -> Any:
         off = builder.mul(context.cast(builder, args[1], sig.args[1], types.int64), ir.Constant(_I64, 4))
         return builder.load(byte_ptr(context, builder, sig.args[0], args[0], off, _llvm_type(F32x16)), align=4)
     return F32x16(ary, idx), codegen
-
-
-@intrinsic
-def madd(typingctx: Any, a: Any, b: Any) -> Any:
-    """Pairwise int16 products summed in int32: lane k = a[2k]*b[2k] + a[2k+1]*b[2k+1] (vpmaddwd)."""
-    if a != I16x32 or b != I16x32:
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        wide = vty(_I32, 32)
-        p = builder.mul(builder.sext(args[0], wide), builder.sext(args[1], wide))
-        even = shuffle(builder, p, p, list(range(0, 32, 2)))
-        odd = shuffle(builder, p, p, list(range(1, 32, 2)))
-        return builder.add(even, odd)
-    return I32x16(a, b), codegen
-
-
-@intrinsic
-def add_i32(typingctx: Any, a: Any, b: Any) -> Any:
-    if a != I32x16 or b != I32x16:
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        return builder.add(args[0], args[1])
-    return I32x16(a, b), codegen
-
-
-@intrinsic
-def fma_i32(typingctx: Any, acc: Any, v: Any, s: Any) -> Any:
-    """acc + float(v) * s for an I32x16 v and a float32 scalar s."""
-    if acc != F32x16 or v != I32x16 or not isinstance(s, types.Float):
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        f = builder.sitofp(args[1], _llvm_type(F32x16))
-        sv = splat(builder, context.cast(builder, args[2], sig.args[2], types.float32), 16)
-        return _fma(builder, f, sv, args[0])
-    return F32x16(acc, v, s), codegen
-
-
-@intrinsic
-def fma_f32(typingctx: Any, acc: Any, a: Any, b: Any) -> Any:
-    """acc + a * b elementwise (F32x16)."""
-    if acc != F32x16 or a != F32x16 or b != F32x16:
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        return _fma(builder, args[1], args[2], args[0])
-    return F32x16(acc, a, b), codegen
-
-
-@intrinsic
-def hsum_f32(typingctx: Any, v: Any) -> Any:
-    """Sum of the 16 lanes (pairwise)."""
-    if v != F32x16:
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        return _hadd(builder, args[0], builder.fadd)
-    return types.float32(v), codegen
-
-
-@intrinsic
-def hsum_i32(typingctx: Any, v: Any) -> Any:
-    if v != I32x16:
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        return builder.sext(_hadd(builder, args[0], builder.add), _I64)
-    return types.int64(v), codegen
 
 
 @intrinsic
@@ -338,16 +236,6 @@ def atomic_next(typingctx: Any, counter: Any) -> Any:
     return types.int64(counter), codegen
 
 
-@intrinsic
-def add_f32(typingctx: Any, a: Any, b: Any) -> Any:
-    if a != F32x16 or b != F32x16:
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        return builder.fadd(args[0], args[1])
-    return F32x16(a, b), codegen
-
-
 HAS_AVX512BW = bool(HOST_FEATURES.get("avx512bw", False))
 # the byte-product kernels need vpmaddubsw; HYBRIDLLM_NO_MADDUBS=1 forces the portable int16 kernels
 HAS_MADDUBS = HAS_AVX2 and not os.environ.get("HYBRIDLLM_NO_MADDUBS")
@@ -401,17 +289,6 @@ def madd_i16(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
 
 
 @intrinsic
-def fma_i32_v(typingctx: Any, acc: Any, v: Any, s: Any) -> Any:
-    """acc + float(v) * s, lane by lane (v I32x16, s F32x16)."""
-    if acc != F32x16 or v != I32x16 or s != F32x16:
-        return None
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
-        return _fma(builder, builder.sitofp(args[1], _llvm_type(F32x16)), args[2], args[0])
-    return F32x16(acc, v, s), codegen
-
-
-@intrinsic
 def mul_f32(typingctx: Any, a: Any, b: Any) -> Any:
     if a != F32x16 or b != F32x16:
         return None
@@ -459,3 +336,195 @@ def cpu_relax(typingctx: Any) -> Any:
             builder.call(fn, [])
         return context.get_dummy_value()
     return types.none(), codegen
+
+
+# --- 8-lane float accumulators in ggml's AVX2 order (bit-exact replays of its vec_dot / sgemm code) -----
+
+F32x8 = Vec("f32", 8)
+I32x8 = Vec("i32", 8)
+F32x4 = Vec("f32", 4)
+
+
+def _half16(builder: ir.IRBuilder, v: ir.Value, half: int) -> ir.Value:
+    return shuffle(builder, v, v, list(range(8 * half, 8 * half + 8)))
+
+
+def hsum8_ir(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """ggml's hsum_float_8 (and sgemm's hsum): ((x0+x4) + (x2+x6)) + ((x1+x5) + (x3+x7))."""
+    t = builder.fadd(shuffle(builder, x, x, [4, 5, 6, 7]), shuffle(builder, x, x, [0, 1, 2, 3]))
+    t = builder.fadd(t, shuffle(builder, t, t, [2, 3, 2, 3]))
+    return builder.fadd(builder.extract_element(t, ir.Constant(_I32, 0)),
+                        builder.extract_element(t, ir.Constant(_I32, 1)))
+
+
+@intrinsic
+def zero_f32x8(typingctx: Any) -> Any:
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return ir.Constant(vty(_F32, 8), None)
+    return F32x8(), codegen
+
+
+@intrinsic
+def zero_f32x4(typingctx: Any) -> Any:
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return ir.Constant(vty(_F32, 4), None)
+    return F32x4(), codegen
+
+
+@intrinsic
+def fma8_half(typingctx: Any, acc: Any, s: Any, p: Any, half: Any) -> Any:
+    """acc + float(s[8h:8h+8]) * p[8h:8h+8] (one FMA, h the literal `half`): a block's step of ggml's
+    `acc = _mm256_fmadd_ps(d, q, acc)` when s holds two blocks' 8 lane sums and p their scales."""
+    if acc != F32x8 or s != I32x16 or p != F32x16 or not isinstance(half, types.IntegerLiteral):
+        return None
+    h = int(half.literal_value)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        f = builder.sitofp(_half16(builder, args[1], h), vty(_F32, 8))
+        return _fma(builder, f, _half16(builder, args[2], h), args[0])
+    return F32x8(acc, s, p, half), codegen
+
+
+@intrinsic
+def fma8_i32(typingctx: Any, acc: Any, s: Any, d: Any) -> Any:
+    """acc + float(s) * d (s I32x8, d a float32 scalar), one FMA per lane."""
+    if acc != F32x8 or s != I32x8 or not isinstance(d, types.Float):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        f = builder.sitofp(args[1], vty(_F32, 8))
+        return _fma(builder, f, splat(builder, context.cast(builder, args[2], sig.args[2], types.float32), 8),
+                    args[0])
+    return F32x8(acc, s, d), codegen
+
+
+@intrinsic
+def fma4_i32(typingctx: Any, acc: Any, s: Any, d: Any) -> Any:
+    """acc + float(s[0:4]) * d for a 4-lane acc (s an I32x8 whose first 4 lanes count)."""
+    if acc != F32x4 or s != I32x8 or not isinstance(d, types.Float):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        f = builder.sitofp(shuffle(builder, args[1], args[1], [0, 1, 2, 3]), vty(_F32, 4))
+        return _fma(builder, f, splat(builder, context.cast(builder, args[2], sig.args[2], types.float32), 4),
+                    args[0])
+    return F32x4(acc, s, d), codegen
+
+
+@intrinsic
+def add8(typingctx: Any, a: Any, b: Any) -> Any:
+    if a != F32x8 or b != F32x8:
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return builder.fadd(args[0], args[1])
+    return F32x8(a, b), codegen
+
+
+@intrinsic
+def hsum8(typingctx: Any, x: Any) -> Any:
+    if x != F32x8:
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return hsum8_ir(builder, args[0])
+    return types.float32(x), codegen
+
+
+@intrinsic
+def hsum4(typingctx: Any, x: Any) -> Any:
+    """(x0+x2) + (x1+x3): ggml's movehl / movehdup reduction of a 4-lane accumulator."""
+    if x != F32x4:
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        t = builder.fadd(args[0], shuffle(builder, args[0], args[0], [2, 3, 2, 3]))
+        return builder.fadd(builder.extract_element(t, ir.Constant(_I32, 0)),
+                            builder.extract_element(t, ir.Constant(_I32, 1)))
+    return types.float32(x), codegen
+
+
+@intrinsic
+def isum8(typingctx: Any, x: Any) -> Any:
+    """Sum of 8 int32 lanes (exact) as int64."""
+    if x != I32x8:
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return builder.sext(_hadd(builder, args[0], builder.add), _I64)
+    return types.int64(x), codegen
+
+
+@intrinsic
+def fma_f(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """a*b + c with one rounding (scalar float32): what GCC makes of ggml's `c += a*b`."""
+    if not all(isinstance(t, types.Float) for t in (a, b, c)):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        v = [context.cast(builder, x, t, types.float32) for x, t in zip(args, sig.args)]
+        return _fma(builder, v[0], v[1], v[2])
+    return types.float32(a, b, c), codegen
+
+
+@intrinsic
+def fma8(typingctx: Any, acc: Any, a: Any, b: Any) -> Any:
+    """a*b + acc, one rounding per lane (F32x8)."""
+    if acc != F32x8 or a != F32x8 or b != F32x8:
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return _fma(builder, args[1], args[2], args[0])
+    return F32x8(acc, a, b), codegen
+
+
+@intrinsic
+def load_f32x8(typingctx: Any, ary: Any, idx: Any, count: Any) -> Any:
+    """float32 ary[idx:idx+count] (count <= 8; lanes past it are 0) of a 1-D float32 array."""
+    if not (isinstance(ary, types.Array) and ary.dtype == types.float32 and isinstance(idx, types.Integer)
+            and isinstance(count, types.Integer)):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        off = builder.mul(context.cast(builder, args[1], sig.args[1], types.int64), ir.Constant(_I64, 4))
+        ptr = byte_ptr(context, builder, sig.args[0], args[0], off, vty(_F32, 8))
+        return masked_load(builder, ptr, context.cast(builder, args[2], sig.args[2], types.int64), vty(_F32, 8))
+    return F32x8(ary, idx, count), codegen
+
+
+def masked_load(builder: ir.IRBuilder, ptr: ir.Value, count: ir.Value, vt: ir.VectorType) -> ir.Value:
+    """The first `count` lanes at ptr (the rest 0, never touched in memory); a plain load when count >= n."""
+    n = vt.count
+    lanes = const_vec(_I64, list(range(n)))
+    mask = builder.icmp_signed("<", lanes, splat(builder, count, n))
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vt, [ptr.type, _I32, vty(_I1, n), vt]),
+        f"llvm.masked.load.v{n}{'f32' if vt.element == _F32 else 'i16'}.p0")
+    return builder.call(fn, [ptr, ir.Constant(_I32, 1), mask, ir.Constant(vt, None)])
+
+
+@intrinsic
+def reduce_dot4(typingctx: Any, x0: Any, x1: Any, x2: Any, x3: Any) -> Any:
+    """GGML_F32x8_REDUCE of ggml_vec_dot_f32/f16's four accumulators: x0+=x2, x1+=x3, x0+=x1, then
+    t = lo4 + hi4 and (t0+t1) + (t2+t3) (two hadds)."""
+    if not all(t == F32x8 for t in (x0, x1, x2, x3)):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        a, b, c, d = args
+        x = builder.fadd(builder.fadd(a, c), builder.fadd(b, d))
+        t = builder.fadd(shuffle(builder, x, x, [0, 1, 2, 3]), shuffle(builder, x, x, [4, 5, 6, 7]))
+        e = [builder.extract_element(t, ir.Constant(_I32, k)) for k in range(4)]
+        return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
+    return types.float32(x0, x1, x2, x3), codegen
+
+
+@intrinsic
+def lo8(typingctx: Any, s: Any) -> Any:
+    """Lanes 0-7 of an I32x16 as I32x8."""
+    if s != I32x16:
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return _half16(builder, args[0], 0)
+    return I32x8(s), codegen

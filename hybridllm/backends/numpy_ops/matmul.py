@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - older base without ComputeError
     ComputeError = RuntimeError  # type: ignore[misc,assignment]
 
 try:
-    from ..cpu_kernels import get_matmul
+    from ..cpu_kernels import get_matmul, mul_mat_id_mode, mul_mat_mode
 except ImportError:  # pragma: no cover - numba missing: reference path only
     def get_matmul(atype: int, btype: int) -> Callable[..., Kernel] | None:  # type: ignore[misc]
         return None
@@ -169,7 +169,10 @@ def _fast_mul_mat(node: Tensor, a: Tensor, b: Tensor) -> Kernel | None:
                          for i3 in range(i03 * r3, (i03 + 1) * r3)
                          for i2 in range(i02 * r2, (i02 + 1) * r2) for n in range(N)])
     goff_a, gcols, colb, colo = _group_arrays(goff, cols)
-    return mm(storage(a), a.nb[1], M, K, goff_a, gcols, colb, colo, storage(b), _activation_offsets(b), out)
+    # ggml picks its code path (and so its float summation order) from the product's shape
+    mode = mul_mat_mode(a.type, b.type, N, M, b.is_contiguous)
+    gmode = np.full(goff_a.shape[0], mode, np.int64)
+    return mm(storage(a), a.nb[1], M, K, goff_a, gcols, gmode, colb, colo, storage(b), _activation_offsets(b), out)
 
 
 def _ref_mul_mat(node: Tensor, a: Tensor, b: Tensor) -> Kernel:
@@ -235,10 +238,11 @@ def _fast_mul_mat_id(node: Tensor, a: Tensor, b: Tensor, ids_t: Tensor) -> Kerne
     def run() -> None:
         ids = _read_ids(ids_view, n_expert, node).reshape(-1)
         order = np.argsort(ids, kind="stable")  # group the columns by expert
-        experts, starts = np.unique(ids[order], return_index=True)
+        experts, starts, counts = np.unique(ids[order], return_index=True, return_counts=True)
         gcols = np.append(starts, ids.size).astype(np.int64)
         goff = (a.offset + experts * a.nb[2]).astype(np.int64)
-        mm(abuf, a.nb[1], M, K, goff, gcols, colb_all[order], colo_all[order], bbuf, boff, out)()
+        gmode = np.array([mul_mat_id_mode(a.type, int(n)) for n in counts], np.int64)
+        mm(abuf, a.nb[1], M, K, goff, gcols, gmode, colb_all[order], colo_all[order], bbuf, boff, out)()
     return run
 
 
