@@ -89,3 +89,17 @@ def test_mul_mat_id_matches_ggml(atype: int, n_b: int) -> None:
         ggml = res.ref(out)[0]
         np.testing.assert_array_equal(res.ours(out)[0], ggml)
         assert _err(mul_mat_id_ref(rows, atype, acts, ids), ggml) < TOL
+
+
+@pytest.mark.parametrize("atype", FLOAT_TYPES, ids=lambda t: T(t).name)
+def test_float_paths_match_ggml_bits(atype: int) -> None:
+    """llamafile's sgemm needs M % 4 == 0 (else ggml's vec_dot: 4 accumulators, 32-element steps, scalar
+    leftovers that GCC splits into runs of 8, 4 and FMAs); K not a multiple of 8 or 32 exercises both."""
+    rng = np.random.default_rng(400 + int(atype))
+    for K, M, N in ((43, 45, 3), (47, 44, 3), (45, 12, 1), (37, 6, 2)):
+        with GGMLGraph(4 << 20) as g:
+            rows = random_rows(rng, atype, (M,), K)
+            acts = rng.standard_normal((N, K)).astype(np.float32)
+            out = _ggml_op(g, "mul_mat", _weights(g, atype, rows, K), g.new(T.F32, (K, N), acts))
+            res = g.run(out)
+            np.testing.assert_array_equal(res.ours(out), res.ref(out), err_msg=f"K={K} M={M} N={N}")
