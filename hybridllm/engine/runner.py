@@ -76,10 +76,12 @@ class Stats:
 
 
 def make_backend(device: str = "cpu") -> Backend:
-    if device == "cpu":
-        from ..backends.numpy_backend import NumpyBackend
-        return NumpyBackend()
-    raise EngineError(f"unknown device {device!r} (available: cpu)")
+    from ..backends import DeviceError
+    from ..backends import make_backend as _make
+    try:
+        return _make(device)
+    except DeviceError as exc:
+        raise EngineError(str(exc)) from None
 
 
 class ModelRunner:

@@ -28,7 +28,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("worker", help="serve devices to llama.cpp masters over RPC",
                               description=__doc__)
     p.add_argument("--device", action="append", default=None, metavar="DEV",
-                   help="device to serve (repeatable; each one is a wire device index): cpu")
+                   help="device to serve: cpu, cuda:N or rocm:N (repeatable; each one is a wire device index)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50052, help="port (default 50052)")
     p.add_argument("--mem", default=None, help="memory reported and usable per device, e.g. 8GiB")
@@ -42,18 +42,11 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _make_devices(names: list[str], mem: int | None) -> list:
-    from ..backends.numpy_backend import NumpyBackend
-    devices = []
-    for name in names:
-        kind = name.strip().lower()
-        if kind == "cpu":
-            dev = NumpyBackend(mem_limit=mem)
-        elif re.fullmatch(r"(cuda|rocm)(:\d+)?", kind):
-            raise CliError(f"device {name!r}: GPU workers are not available yet (only 'cpu')")
-        else:
-            raise CliError(f"unknown device {name!r} (expected cpu)")
-        devices.append(dev)
-    return devices
+    from ..backends import DeviceError, make_backend
+    try:
+        return [make_backend(name, mem_limit=mem) for name in names]
+    except DeviceError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _set_threads(n: int) -> None:

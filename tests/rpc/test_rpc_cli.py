@@ -15,8 +15,8 @@ from hybridllm.testing.procs import start_worker
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--device", "cuda:0"], "GPU workers are not available yet"),
-    (["--device", "rocm:1"], "GPU workers are not available yet"),
+    (["--device", "cuda:0"], "needs CuPy"),
+    (["--device", "rocm:1"], "needs CuPy"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--mem", "12XB"], "invalid size '12XB'"),
     (["--mem", "0"], "must be positive"),
