@@ -76,6 +76,21 @@ def graph_ms(be, plan, n: int = 20) -> float:
     return 1e3 * (time.perf_counter() - t) / n
 
 
+def ablation(be, plan, n: int) -> list[dict]:
+    """Graph time saved by dropping each kernel's launches (the true in-graph cost, launch gaps included)."""
+    from hybridllm.backends.cupy_backend import CupyPlan
+
+    base = graph_ms(be, plan, n)
+    names = sorted({kernel_name(be, ln.fn) for ln in plan.launches})
+    rows = []
+    for k in names:
+        keep = [ln for ln in plan.launches if kernel_name(be, ln.fn) != k]
+        t = graph_ms(be, CupyPlan(be, keep, False), n) if keep else 0.0
+        rows.append({"kernel": k, "count": len(plan.launches) - len(keep), "saved_ms": base - t,
+                     "per_launch_us": 1e3 * (base - t) / max(1, len(plan.launches) - len(keep))})
+    return sorted(rows, key=lambda r: -r["saved_ms"])
+
+
 def profile_model(be, name: str, past: int, prefill: int, reps: int) -> dict:
     m = MODELS[name]
     ws = Weightset(be, m)
@@ -94,6 +109,12 @@ def profile_model(be, name: str, past: int, prefill: int, reps: int) -> dict:
               f"sum of launch times {ms.sum():.3f} ms", flush=True)
         for r in rows[:25]:
             print(f"  {r['kernel']:28s} x{r['count']:<5d} {r['total_ms']:8.3f} ms  {r['mean_us']:8.1f} us", flush=True)
+        if T == 1:
+            abl = res[label]["ablation"] = ablation(be, plan, 20)
+            print("  -- graph time saved without each kernel (decode):", flush=True)
+            for r in abl:
+                print(f"  {r['kernel']:28s} x{r['count']:<5d} {r['saved_ms']:8.3f} ms  {r['per_launch_us']:8.1f} us/launch",
+                      flush=True)
         del plan
         b.free()
     ws.free()

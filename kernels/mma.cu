@@ -178,16 +178,32 @@ HL_DEV int frag_row(int i, int c) { return ((threadIdx.x >> 5) >> 1) * 32 + i * 
 template <int BN>
 HL_DEV int frag_col(int j, int c) { return ((threadIdx.x >> 5) & 1) * (BN / 2) + j * 8 + 2 * (threadIdx.x & 3) + (c & 1); }
 
-// grid (ceil(M / 128), ceil(N / BN), ne12 * ne13), block 256. bvec: B rows 16-byte aligned (float4 loads).
+// grid (tiles of M + M1 + M2, ceil(N / BN), ne12 * ne13), block 256. Up to three matrices A, A1, A2 (same
+// type and K, rows of nb01/nb01_1/nb01_2 bytes) share the input B (Q/K/V); their row tiles follow each
+// other in blockIdx.x, outputs D/D1/D2 with column strides nb1/nb1_1/nb1_2. Batches with one matrix only.
+// bvec: B rows 16-byte aligned (float4 loads).
 template <class T, int BN>
 HL_DEV void mul_mat_mma(const u8* A, const u8* B, u8* D, int K, int M, int N, i64 nb01, i64 nb02, i64 nb03,
                         i64 nb11, i64 nb12, i64 nb13, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3,
-                        int bvec) {
+                        int bvec, const u8* A1, const u8* A2, u8* D1, u8* D2, int M1, int M2, i64 nb01_1,
+                        i64 nb01_2, i64 nb1_1, i64 nb1_2) {
     constexpr int NT = BN / 16, BG = MmaStage<BN>::BG;
     __shared__ __align__(16) u16 As[2][MMA_BM * MMA_LDS];
     __shared__ __align__(16) u16 Bs[2][BN * MMA_LDS];
     const int tid = threadIdx.x;
-    const int bm = blockIdx.x * MMA_BM, bn = blockIdx.y * BN;
+    int bx = blockIdx.x;
+    const int t0 = (M + MMA_BM - 1) / MMA_BM, t1 = (M1 + MMA_BM - 1) / MMA_BM;
+    if (bx >= t0) {  // a later matrix (uniform over the block)
+        bx -= t0;
+        const bool one = bx < t1;
+        if (!one) bx -= t1;
+        A = one ? A1 : A2;
+        D = one ? D1 : D2;
+        M = one ? M1 : M2;
+        nb01 = one ? nb01_1 : nb01_2;
+        nb1 = one ? nb1_1 : nb1_2;
+    }
+    const int bm = bx * MMA_BM, bn = blockIdx.y * BN;
     const int i12 = blockIdx.z % ne12, i13 = blockIdx.z / ne12;
     const u8* arow = bm + (tid >> 1) < M ? A + (bm + (tid >> 1)) * nb01 + (i12 / r2) * nb02 + (i13 / r3) * nb03 : nullptr;
     const u8* bcols[BG];
@@ -257,8 +273,11 @@ HL_DEV void mul_mat_id_mma(const u8* A, const u8* B, u8* D, const i32* counts, c
 
 #define MMA_ARGS                                                                                        \
     const u8 *A, const u8 *B, u8 *D, int K, int M, int N, i64 nb01, i64 nb02, i64 nb03, i64 nb11,       \
-        i64 nb12, i64 nb13, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3, int bvec
-#define MMA_PASS A, B, D, K, M, N, nb01, nb02, nb03, nb11, nb12, nb13, nb1, nb2, nb3, ne12, r2, r3, bvec
+        i64 nb12, i64 nb13, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3, int bvec, const u8 *A1, \
+        const u8 *A2, u8 *D1, u8 *D2, int M1, int M2, i64 nb01_1, i64 nb01_2, i64 nb1_1, i64 nb1_2
+#define MMA_PASS                                                                                        \
+    A, B, D, K, M, N, nb01, nb02, nb03, nb11, nb12, nb13, nb1, nb2, nb3, ne12, r2, r3, bvec, A1, A2, D1, D2, \
+        M1, M2, nb01_1, nb01_2, nb1_1, nb1_2
 
 #define MMA_ID_ARGS                                                                                     \
     const u8 *A, const u8 *B, u8 *D, const i32 *counts, const i32 *lists, int cap, int K, int M, int n_used, \

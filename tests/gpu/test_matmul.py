@@ -148,3 +148,27 @@ def test_mul_mat_wide_tiles(gpu, qtype, rng, monkeypatch):
 
     monkeypatch.setattr(mm, "MMA_SMALL_GRID", 0)
     mul_mat_case(gpu, qtype, K=256, M=140, N=130, batch=(1, 1), rng=rng)
+
+
+def test_mul_mat_shared_input_prefill(gpu, rng):
+    """Three prefill matmuls of one weight type reading one src1 (Q/K/V) run as one tensor-core launch
+    (where there are tensor cores), each result exact up to the f16 operands."""
+    from harness import Graph
+
+    K, N, Ms = 256, 20, (140, 40, 24)
+    raws = [weights(GGMLType.Q4_K, M, K, rng) for M in Ms]
+    x = rng.standard_normal((N, K)).astype(np.float32)
+
+    def build(g):
+        b = g.tensor(GGMLType.F32, (K, N), x)
+        return [g.node(GGMLOp.MUL_MAT, GGMLType.F32, (M, N), [g.tensor(GGMLType.Q4_K, (K, M), raw), b])
+                for M, (raw, _) in zip(Ms, raws)]
+
+    res = run_both(gpu, build)
+    for M, (raw, wf), (got, ref) in zip(Ms, raws, res):
+        wa, xa = operands(gpu, GGMLType.Q4_K, wf, x, N)
+        exact = (xa @ wa.T)[None, None]
+        assert_close(got, exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max(), what=f"M={M} vs exact")
+    g = Graph(gpu)
+    build(g)
+    assert len(gpu.prepare(g.nodes).launches) == (1 if tensor_cores(gpu) else 3)

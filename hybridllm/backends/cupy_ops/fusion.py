@@ -386,6 +386,27 @@ def match_shared_input(g: Graph, n: Tensor, ctx: BuildCtx, claimed: set[int]) ->
     return Group(members, n, lambda c: build_mmvq(c, n, mats, b), io)
 
 
+def match_shared_input_prefill(g: Graph, n: Tensor, ctx: BuildCtx, claimed: set[int]) -> Group | None:
+    """Up to three prefill matmuls of one weight type reading the same src1: one tensor-core launch (more
+    blocks for the small Q/K/V projections)."""
+    from .matmul import build_mul_mat_multi, mma_multi_ok
+
+    if n.op != GGMLOp.MUL_MAT or not mma_multi_ok(n, ctx):
+        return None
+    b = n.src[1]
+    mms = [n]
+    for r in g.readers(b):
+        if len(mms) == 3:
+            break
+        if (r is not n and r.op == GGMLOp.MUL_MAT and id(r) not in claimed and r.src[1] is b
+                and g.pos[id(r)] > g.pos[id(n)] and mma_multi_ok(r, ctx) and r.src[0].type == n.src[0].type):
+            mms.append(r)
+    if len(mms) == 1:
+        return None
+    io = [(m, [m.src[0], b], [m]) for m in mms]
+    return Group(list(mms), n, lambda c: build_mul_mat_multi(c, mms), io)
+
+
 def _mm_store(g: Graph, mm: Tensor) -> Tensor | None:
     rd = g.readers(mm)
     if len(rd) != 1 or g.is_output(mm) or not mm.is_contiguous or mm.ne[1] != 1:
@@ -429,7 +450,8 @@ def _match(g: Graph, n: Tensor, ctx: BuildCtx, claimed: dict) -> Group | None:
         grp = m(g, n, ctx)
         if grp is not None and all(id(x) not in claimed for x in grp.members) and g.safe(grp):
             return grp
-    grp = match_shared_input(g, n, ctx, set(claimed))
-    if grp is not None and all(id(x) not in claimed for x in grp.members) and g.safe(grp):
-        return grp
+    for m2 in (match_shared_input, match_shared_input_prefill):
+        grp = m2(g, n, ctx, set(claimed))
+        if grp is not None and all(id(x) not in claimed for x in grp.members) and g.safe(grp):
+            return grp
     return None

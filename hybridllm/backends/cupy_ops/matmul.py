@@ -2,6 +2,8 @@
 for prefill, all weight types of kernels/quant/all.cuh dequantized in registers."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, TRAITS, type_name
 from . import register
@@ -65,14 +67,50 @@ def build_mul_mat(node: Tensor, ctx: BuildCtx):
 MMA_BM, MMA_SMALL_GRID = 128, 264  # 2 blocks per multiprocessor on an H100
 
 
-def build_mul_mat_mma(node: Tensor, a: Tensor, b: Tensor, ctx: BuildCtx, args: tuple):
-    K, M, N = a.ne[0], a.ne[1], b.ne[1]
+def build_mul_mat_mma(node: Tensor, a: Tensor, b: Tensor, ctx: BuildCtx, args: tuple,
+                      more: Sequence[Tensor] = ()):
+    """Tensor-core tiles; `more` (up to two other MUL_MATs of the same weight type, K and src1) run in the
+    same launch, their row tiles after this one's."""
+    K, N = a.ne[0], b.ne[1]
     batch = b.ne[2] * b.ne[3]
     bvec = (int(ctx.ptr(b)) | b.nb[1] | b.nb[2] | b.nb[3]) % 16 == 0
-    bn = 128 if (M + MMA_BM - 1) // MMA_BM * ((N + 127) // 128) * batch >= MMA_SMALL_GRID else 64
-    grid = ((M + MMA_BM - 1) // MMA_BM, (N + bn - 1) // bn, batch)
+    tiles = sum((x.ne[1] + MMA_BM - 1) // MMA_BM for x in [a] + [m.src[0] for m in more])
+    bn = 128 if tiles * ((N + 127) // 128) * batch >= MMA_SMALL_GRID else 64
+    extra = [(m.src[0], m) for m in more] + [(a, node)] * (2 - len(more))
+    Ms = [x.ne[1] if i < len(more) else 0 for i, (x, _) in enumerate(extra)]
+    args = args + (I32(bvec), ctx.ptr(extra[0][0]), ctx.ptr(extra[1][0]), ctx.ptr(extra[0][1]), ctx.ptr(extra[1][1]),
+                   I32(Ms[0]), I32(Ms[1]), I64(extra[0][0].nb[1]), I64(extra[1][0].nb[1]), I64(extra[0][1].nb[1]),
+                   I64(extra[1][1].nb[1]))
+    grid = (tiles, (N + bn - 1) // bn, batch)
     kname = f"mul_mat_mma{'' if bn == 128 else '64'}_{TRAITS[a.type].name}"
-    return [launch(ctx.fn("mma", kname), grid, (256,), args + (I32(bvec),))]
+    return [launch(ctx.fn("mma", kname), grid, (256,), args)]
+
+
+def mm_args(node: Tensor, a: Tensor, b: Tensor, ctx: BuildCtx) -> tuple:
+    K, M, a2, a3 = a.ne
+    _, N, b2, b3 = b.ne
+    return (ctx.ptr(a), ctx.ptr(b), ctx.ptr(node), I32(K), I32(M), I32(N), I64(a.nb[1]), I64(a.nb[2]),
+            I64(a.nb[3]), I64(b.nb[1]), I64(b.nb[2]), I64(b.nb[3]), I64(node.nb[1]), I64(node.nb[2]),
+            I64(node.nb[3]), I32(b2), I32(b2 // a2), I32(b3 // a3))
+
+
+def mma_multi_ok(node: Tensor, ctx: BuildCtx) -> bool:
+    """A prefill MUL_MAT that may share a tensor-core launch with others reading the same src1."""
+    a, b = node.src_at(0), node.src_at(1)
+    if a is None or b is None or not mma_ok(ctx) or b.ne[1] <= VEC_MAX_COLS or b.ne[2] != 1 or b.ne[3] != 1:
+        return False
+    if a.type not in WEIGHT_TYPES or b.type != GGMLType.F32 or b.nb[0] != 4 or b.ne[0] != a.ne[0]:
+        return False
+    return node.type == GGMLType.F32 and node.nb[0] == 4 and node.ne == (a.ne[1], b.ne[1], 1, 1)
+
+
+def build_mul_mat_multi(ctx: BuildCtx, mms: Sequence[Tensor]):
+    first = mms[0]
+    a, b = first.src[0], first.src[1]
+    for m in mms:
+        check_weight(m, m.src[0], ctx)
+    check_activations(first, b, ctx)
+    return build_mul_mat_mma(first, a, b, ctx, mm_args(first, a, b, ctx), more=list(mms[1:]))
 
 
 @register(GGMLOp.MUL_MAT_ID)
