@@ -1,13 +1,12 @@
-"""MUL_MAT bit-exactness against real ggml: the remaining root cause (matmul.py / cpu_kernels are
-another helper's; this file only demonstrates it).
+"""MUL_MAT bit-exactness against real ggml (the kernels are the matmul helper's; this pins the root cause
+diffgraph found for the remaining ~1e-2 logit differences).
 
-Our matmul quantizes the activations exactly like ggml (its integer block sums are exact), but it adds
-the per-block float terms in another order than ggml's AVX2 kernels (e.g. vec_dot_q8_0_q8_0: 8 float
-lanes, lane l += d_x*d_y * (sum of bytes 4l..4l+3 products) by FMA, block after block, then the
-((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)) reduction). The results differ by ~1 ulp in most elements, which the
-next activation quantization turns into ~1e-2 logit differences (diffgraph on gemma3-270m: every other
-op is exact, and taking MUL_MAT results from the reference makes the whole graph match). strict xfail:
-when the kernels follow ggml's order this starts passing and the marker must go.
+ggml quantizes the activations and takes exact integer block sums, then adds the per-block float terms
+in the order of its AVX2 kernel (e.g. vec_dot_q8_0_q8_0: 8 float lanes, lane l += d_x*d_y * (sum of the
+products of bytes 4l..4l+3) by FMA, block after block, then ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))). Any
+other order is ~1 ulp off in most elements, which the next activation quantization turns into ~1e-2
+logit differences a few layers later (gemma3-270m: with every other op exact, taking MUL_MAT results
+from the reference made the whole graph match). Decode (1 column) and prompt (14 columns) shapes.
 """
 from __future__ import annotations
 
@@ -27,7 +26,6 @@ def _mul_mat(g, a: GT, b: GT) -> GT:
     return GT(fn(g.ctx, a.ptr, b.ptr), g)
 
 
-@pytest.mark.xfail(strict=True, reason="MUL_MAT sums block terms in another order than ggml (matmul helper)")
 @pytest.mark.parametrize("wtype", [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: T(t).name)
 def test_mul_mat_bitexact(g, rng, wtype):
     K, M = 1024, 64
