@@ -44,12 +44,15 @@ from .simd import (
     hsum4,
     hsum8,
     isum8,
+    isum8x4,
+    lane4,
     literal_value,
     lo8,
     load_f32x8,
     load_f32x16,
     mul_f32,
     reduce_dot4,
+    tiled_step4,
     zero_f32x4,
     zero_f32x8,
 )
@@ -267,6 +270,7 @@ def _k_cols4(fmt: int, tiled: int, abuf: np.ndarray, ro: int, K: int, bq8: np.nd
     a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
     m0, m1, m2, m3 = zero_f32x4(), zero_f32x4(), zero_f32x4(), zero_f32x4()
     t0 = t1 = t2 = t3 = np.float32(0.0)
+    t4 = zero_f32x4()
     for sb in range(K // 256):
         o, e, g = ro + sb * bsz, sb * 256, sb * 16
         d, dmin = ksb_d(fmt, abuf, o)
@@ -274,16 +278,15 @@ def _k_cols4(fmt: int, tiled: int, abuf: np.ndarray, ro: int, K: int, bq8: np.nd
         l0, l1, l2, l3 = ksb_lanes(fmt, abuf, o, bq8, bsum, (b0 * K + e, b1 * K + e, b2 * K + e, b3 * K + e), sc)
         n0, n1, n2, n3 = ksb_mins(fmt, abuf, o, bsum, sc)
         y0, y1, y2, y3 = bd[b0, sb], bd[b1, sb], bd[b2, sb], bd[b3, sb]
-        if tiled:
-            t0, t1 = _k_tiled_step(f, t0, l0, n0, d, dmin, y0), _k_tiled_step(f, t1, l1, n1, d, dmin, y1)
-            t2, t3 = _k_tiled_step(f, t2, l2, n2, d, dmin, y2), _k_tiled_step(f, t3, l3, n3, d, dmin, y3)
+        if tiled:  # the four outputs' scalar updates side by side in one vector
+            t4 = tiled_step4(fmt, t4, isum8x4(l0, l1, l2, l3), isum8x4(n0, n1, n2, n3), d, dmin, y0, y1, y2, y3)
         else:
             a0, m0, t0 = _k_vecdot_step(f, a0, m0, t0, l0, n0, d, dmin, y0)
             a1, m1, t1 = _k_vecdot_step(f, a1, m1, t1, l1, n1, d, dmin, y1)
             a2, m2, t2 = _k_vecdot_step(f, a2, m2, t2, l2, n2, d, dmin, y2)
             a3, m3, t3 = _k_vecdot_step(f, a3, m3, t3, l3, n3, d, dmin, y3)
     if tiled:
-        return t0, t1, t2, t3
+        return lane4(t4, 0), lane4(t4, 1), lane4(t4, 2), lane4(t4, 3)
     return (_k_vecdot_result(f, a0, m0, t0), _k_vecdot_result(f, a1, m1, t1), _k_vecdot_result(f, a2, m2, t2),
             _k_vecdot_result(f, a3, m3, t3))
 

@@ -528,3 +528,56 @@ def lo8(typingctx: Any, s: Any) -> Any:
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
         return _half16(builder, args[0], 0)
     return I32x8(s), codegen
+
+
+I32x4 = Vec("i32", 4)
+
+
+@intrinsic
+def isum8x4(typingctx: Any, a: Any, b: Any, c: Any, d: Any) -> Any:
+    """The exact sums of four I32x8 as one I32x4 (lane i: vector i)."""
+    if not all(t == I32x8 for t in (a, b, c, d)):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        ab = builder.add(shuffle(builder, args[0], args[1], list(range(0, 16, 2))),
+                         shuffle(builder, args[0], args[1], list(range(1, 16, 2))))      # a 4 | b 4
+        cd = builder.add(shuffle(builder, args[2], args[3], list(range(0, 16, 2))),
+                         shuffle(builder, args[2], args[3], list(range(1, 16, 2))))
+        x = builder.add(shuffle(builder, ab, cd, list(range(0, 16, 2))),
+                        shuffle(builder, ab, cd, list(range(1, 16, 2))))                 # a2 b2 c2 d2
+        return builder.add(shuffle(builder, x, x, [0, 2, 4, 6]), shuffle(builder, x, x, [1, 3, 5, 7]))
+    return I32x4(a, b, c, d), codegen
+
+
+@intrinsic
+def tiled_step4(typingctx: Any, fmt: Any, acc: Any, s: Any, m: Any, d: Any, dmin: Any, y0: Any, y1: Any,
+                y2: Any, y3: Any) -> Any:
+    """ggml's tiled-kernel update for four outputs at once (lane i, exactly as its scalar/AVX2 code):
+    r = d*float(s); r = fma(-dmin, float(m), r) for types with mins; acc = fma(r, y_i, acc)."""
+    if (acc != F32x4 or s != I32x4 or m != I32x4 or not isinstance(fmt, types.IntegerLiteral)):
+        return None
+    use_min = int(fmt.literal_value) in (10, 12, 13)  # Q2_K, Q4_K, Q5_K
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        f4 = vty(_F32, 4)
+        sc = [context.cast(builder, args[k], sig.args[k], types.float32) for k in range(4, 10)]
+        r = builder.fmul(splat(builder, sc[0], 4), builder.sitofp(args[2], f4))
+        if use_min:
+            r = _fma(builder, splat(builder, builder.fneg(sc[1]), 4), builder.sitofp(args[3], f4), r)
+        y = ir.Constant(f4, None)
+        for i in range(4):
+            y = builder.insert_element(y, sc[2 + i], ir.Constant(_I32, i))
+        return _fma(builder, r, y, args[1])
+    return F32x4(fmt, acc, s, m, d, dmin, y0, y1, y2, y3), codegen
+
+
+@intrinsic
+def lane4(typingctx: Any, v: Any, i: Any) -> Any:
+    if v != F32x4 or not isinstance(i, types.IntegerLiteral):
+        return None
+    k = int(i.literal_value)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> ir.Value:
+        return builder.extract_element(args[0], ir.Constant(_I32, k))
+    return types.float32(v, i), codegen
