@@ -30,7 +30,7 @@ from typing import IO, Any
 
 HOST = "127.0.0.1"
 PROMPT = "Once upon a time, in a data center far away,"
-_ENV_DROP = ("HYBRIDLLM_API_KEY", "HYBRIDLLM_RPC_TOKEN")   # the demo sets its own
+_ENV_DROP = ("HYBRIDLLM_API_KEY",)   # a key of the user's own servers would lock the demo's request out
 
 
 def _error(message: str) -> Exception:
@@ -70,10 +70,11 @@ class _Proc:
 
     def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str]) -> None:
         self.name, self.log = name, log
+        guard = _die_with_parent if sys.platform == "linux" else None
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "hybridllm", *args], stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # noqa: PLW1509 - no threads here
+                                         preexec_fn=guard)  # noqa: PLW1509 - the demo starts no threads
 
     def failed(self) -> str | None:
         """Why it exited (its log's last lines), or None while it runs."""
@@ -113,10 +114,12 @@ def _healthy(url: str) -> bool:
 
 def _wait(proc: _Proc, ready: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not ready():
-        why = proc.failed()
+    while True:
+        why = proc.failed()   # first: another program may hold the port it could not take
         if why is not None:
             raise _error(why)
+        if ready():
+            return
         if time.monotonic() > deadline:
             raise _error(f"the {proc.name} was not {what} after {timeout:.0f} s (see {proc.log})")
         time.sleep(0.2)
@@ -219,17 +222,17 @@ def run(args: argparse.Namespace) -> int:
     logs = Path(tempfile.mkdtemp(prefix="hybridllm-demo-"))
     env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
     env["PYTHONUNBUFFERED"] = "1"
-    token = secrets.token_hex(16)   # only this server may use the worker
+    env["HYBRIDLLM_RPC_TOKEN"] = secrets.token_hex(16)   # only this server may use the worker (env: not in ps)
     wport, sport = [0], [0]
 
     def worker_args() -> list[str]:
         wport[0] = _free_port()
-        return ["worker", "--device", "cpu", "--host", HOST, "--port", str(wport[0]), "--token", token]
+        return ["worker", "--device", "cpu", "--host", HOST, "--port", str(wport[0])]
 
     def serve_args() -> list[str]:
         sport[0] = _free_port()
         return ["serve", str(model), "--host", HOST, "--port", str(sport[0]), "--rpc", f"{HOST}:{wport[0]}",
-                "--rpc-token", token, "--ctx", "2048"]
+                "--ctx", "2048"]
 
     procs: list[_Proc] = []
     print(f"logs: {logs}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from hybridllm.demo import PROMPT
+from hybridllm.rpc.transport import RpcConnection, RpcError
 from hybridllm.testing.synth import write_model
 
 DEMO = [sys.executable, "-m", "hybridllm", "demo"]
@@ -41,6 +42,12 @@ def logs_of(stderr: str) -> Path:
     return Path(m.group(1).rstrip(")"))
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_logs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The demo's log folders go under this test's tmp_path, not /tmp."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def test_demo_answers_with_its_speed(gemma_path: Path) -> None:
     t0 = time.monotonic()
     proc = demo()
@@ -48,11 +55,11 @@ def test_demo_answers_with_its_speed(gemma_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.rstrip("\n").splitlines()
     m = SPEED.match(lines[-1])
-    assert m, proc.stdout
+    assert m, proc.stdout + proc.stderr
     n_gen, gen_tps, n_prompt, prompt_tps = int(m[1]), float(m[2]), int(m[3]), float(m[4])
     assert 1 <= n_gen <= 64 and n_prompt > 5 and gen_tps > 0 and prompt_tps > 0
     answer = "\n".join(lines[:-1])
-    assert answer.startswith(PROMPT) and len(answer[len(PROMPT):].split()) >= 10, answer   # words, not nothing
+    assert answer.startswith(PROMPT) and len(answer[len(PROMPT):].split()) >= 10, proc.stdout + proc.stderr
     # the layers ran on the worker, over RPC
     wport, sport = map(int, ENDPOINTS.search(proc.stderr).groups())  # type: ignore[union-attr]
     assert re.search(rf"RPC0\[127\.0\.0\.1:{wport}\]\s+layers 0-17", proc.stderr), proc.stderr
@@ -94,7 +101,7 @@ def test_demo_missing_model_file(tmp_path: Path) -> None:
     assert proc.stderr.strip() == f"hybridllm demo: error: model file not found: {tmp_path / 'nope.gguf'}"
 
 
-def test_sigterm_stops_both(tmp_path: Path) -> None:
+def test_locked_worker_and_sigterm_stops_both(tmp_path: Path) -> None:
     model = write_model(tmp_path / "synth.gguf", "llama", "q8_0")
     proc = subprocess.Popen(DEMO + ["--model", str(model), "-n", "100000", "--chat"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -108,6 +115,8 @@ def test_sigterm_stops_both(tmp_path: Path) -> None:
             pytest.fail("the demo never started its server")
         wport, sport = int(m[1]), int(m[2])
         assert accepts(wport) and accepts(sport)
+        with pytest.raises(RpcError, match="does it require a token"):   # the demo's pair shares a secret
+            RpcConnection(f"127.0.0.1:{wport}", connect_timeout=5).close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 130
         assert not accepts(wport) and not accepts(sport)

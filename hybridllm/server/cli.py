@@ -53,7 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("HYBRIDLLM_API_KEY"),
                    help="API key clients must send (Authorization: Bearer T); env HYBRIDLLM_API_KEY")
     p.add_argument("--rpc-token", default=os.environ.get("HYBRIDLLM_RPC_TOKEN"),
-                   help="shared secret of the workers (`hybridllm worker --token`); env HYBRIDLLM_RPC_TOKEN")
+                   help="shared secret of the workers (`hybridllm worker --token`); env HYBRIDLLM_RPC_TOKEN, "
+                        "which other users cannot see in the process list")
     p.add_argument("-n", "--n-predict", type=int, default=-1,
                    help="default tokens to generate per request, -1 = until EOS or the context is full")
     p.add_argument("--alias", default=None, help="model name reported by the API (default: the file name)")

@@ -90,8 +90,8 @@ async def _stream(request: web.Request, steps: AsyncIterator[Step], slot: Slot, 
     except Exception as exc:  # the headers are out: report it in the stream, as llama-server does
         err = to_api_error(exc)
         unexpected = err.status >= 500 and err.status != 503   # 503: a worker failed, not a bug here
-        log.log(logging.ERROR if err.status >= 500 else logging.INFO, "slot %d: %s", slot.id, err.message,
-                exc_info=unexpected)
+        level = logging.ERROR if unexpected else logging.WARNING if err.status >= 500 else logging.INFO
+        log.log(level, "slot %d: %s", slot.id, err.message, exc_info=unexpected)
         try:
             await sse.send(err.body())
         except ConnectionResetError:

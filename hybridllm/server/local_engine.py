@@ -93,14 +93,17 @@ class LocalEngine:
         from ..engine.alloc import AllocError
         from ..engine.gguf_file import GGUFError
         from ..engine.placement import PlacementError
+        from ..engine.chat_template import ChatTemplateError
         from ..engine.runner import EngineError
+        from ..engine.tokenizer_vocab import VocabError
         from ..rpc.transport import RpcError
         if n_parallel < 1:
             raise ValueError("--parallel must be at least 1")
         try:
             return cls._load(path, n_ctx, n_parallel, device, name, list(rpc), list(tensor_split or []) or None,
                              rpc_token, rpc_timeout)
-        except (PlacementError, RpcError, AllocError, GGUFError, EngineError, MemoryError) as exc:
+        except (PlacementError, RpcError, AllocError, GGUFError, EngineError, MemoryError, VocabError,
+                ChatTemplateError) as exc:
             raise EngineLoadError(_one_line(exc)) from exc
 
     @classmethod
@@ -130,8 +133,8 @@ class LocalEngine:
         first.model.owned.extend(mine)  # closed with the model, after the last slot
         runners = [first]
         try:
-            runners += [ModelRunner(first.model, replace(first.config), first.metadata)
-                        for _ in range(n_parallel - 1)]
+            for _ in range(n_parallel - 1):  # over the same weights; each KV cache goes where its layers are
+                runners.append(ModelRunner(first.model, replace(first.config), first.metadata))
             tok = Tokenizer.from_gguf(first.metadata)
             template = ChatTemplate.for_model(first.metadata, tok)
         except BaseException:
@@ -199,15 +202,19 @@ class LocalEngine:
         if self._health.state is not HealthState.DEGRADED:
             return
         reason = self._lost_reason or self._health.message
-        log.info("recovering from: %s", reason)
+        where = reason.split(" failed: ", 1)[0] if " failed: " in reason else "a device"
+        log.info("recovering %s", where)
         try:
             for seq in self._seqs:
                 seq.runner.recover()
                 seq.tokens.clear()
                 seq.dirty = False
                 seq.epoch += 1   # a job still running on that slot must not continue on a reset cache
-        except RpcError as exc:
-            message = f"a worker is still down: {exc} (degraded since: {reason})"
+        except Exception as exc:  # stay degraded: each request tries again
+            if not isinstance(exc, RpcError):   # e.g. the worker came back with less memory
+                log.exception("recovering %s failed", where)
+            what = "still down" if isinstance(exc, RpcError) else "recovery failed"
+            message = f"{what}: {_one_line(exc)} ({where} failed earlier; each request retries)"
             self._health = Health(HealthState.DEGRADED, message)
             raise EngineUnavailable(message) from None
         self.mark_ok()
