@@ -55,6 +55,8 @@ def _set_threads(n: int) -> None:
     try:
         import numba
         numba.set_num_threads(min(n, int(getattr(numba.config, "NUMBA_NUM_THREADS", n))))
+        from ..backends.cpu_kernels import set_num_threads
+        set_num_threads(n)  # the matmul kernels' own thread pool
     except ImportError:  # pragma: no cover
         pass
 
