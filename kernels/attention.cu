@@ -13,6 +13,8 @@
 #include "common.cuh"
 #include "q8.cuh"
 
+#define FA_VB 8  // value rows loaded together
+
 HL_DEV bool warp_any(bool p) { return warp_max(p ? 1.0f : 0.0f) > 0.0f; }
 
 // VPL consecutive elements of a K/V row from element d0 (vec: f16 with the lane's slice 2*VPL-byte aligned).
@@ -108,19 +110,24 @@ HL_DEV void flash_attn(const u8* q, const u8* k, const u8* v, const u8* mask, co
             for (int qi = 0; qi < QB; qi++) dot[qi] = 0.0f;
             const u8* kr = kb + j * nbk1;
             if (kvec) {
-                for (int d8 = 0; d8 < D / 8; d8++) {
-                    const uint4 w = ((const uint4*)kr)[d8];
-                    const u32 words[4] = {w.x, w.y, w.z, w.w};
-                    float kf[8];
+                const int n8 = D / 8;
+                for (int d0 = 0; d0 < n8; d0 += 4) {  // four 16-byte loads in flight, then their math
+                    uint4 w[4];
 #pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        kf[2 * i] = f16_to_f32((u16)(words[i] & 0xffffu));
-                        kf[2 * i + 1] = f16_to_f32((u16)(words[i] >> 16));
+                    for (int u = 0; u < 4; u++) w[u] = d0 + u < n8 ? ((const uint4*)kr)[d0 + u] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                    for (int u = 0; u < 4; u++) {
+                        if (d0 + u >= n8) break;
+                        const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+                        float kf[8];
+#pragma unroll
+                        for (int i = 0; i < 4; i++) f16x2(words[i], kf + 2 * i);
+                        const int d8 = d0 + u;
+#pragma unroll
+                        for (int qi = 0; qi < QB; qi++)
+#pragma unroll
+                            for (int i = 0; i < 8; i++) dot[qi] += sq[qi][8 * d8 + i] * kf[i];
                     }
-#pragma unroll
-                    for (int qi = 0; qi < QB; qi++)
-#pragma unroll
-                        for (int i = 0; i < 8; i++) dot[qi] += sq[qi][8 * d8 + i] * kf[i];
                 }
             } else {
                 const int es = kt == T_F32 ? 4 : 2;
@@ -150,14 +157,23 @@ HL_DEV void flash_attn(const u8* q, const u8* k, const u8* v, const u8* mask, co
             for (int t = 0; t < VPL; t++) acc[qi][t] *= ms;
         }
         const int nk = min(HL_WARP, n_kv - c0);
-        for (int kk = 0; kk < nk; kk++) {
-            float vv[VPL];
-            load_vals<VPL>(vb + (c0 + kk) * nbv1, lane * VPL, Dv, vt, vvec != 0, vv);
+        for (int k0 = 0; k0 < nk; k0 += FA_VB) {  // FA_VB value rows in flight, then their math
+            float vv[FA_VB][VPL];
 #pragma unroll
-            for (int qi = 0; qi < QB; qi++) {
-                const float pk = shfl_idx(p[qi], kk);
+            for (int u = 0; u < FA_VB; u++) {
+                if (k0 + u < nk) load_vals<VPL>(vb + (c0 + k0 + u) * nbv1, lane * VPL, Dv, vt, vvec != 0, vv[u]);
+                else
 #pragma unroll
-                for (int t = 0; t < VPL; t++) acc[qi][t] += pk * vv[t];
+                    for (int t = 0; t < VPL; t++) vv[u][t] = 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < FA_VB; u++) {
+#pragma unroll
+                for (int qi = 0; qi < QB; qi++) {
+                    const float pk = shfl_idx(p[qi], min(k0 + u, HL_WARP - 1));  // rows past nk add 0 * 0
+#pragma unroll
+                    for (int t = 0; t < VPL; t++) acc[qi][t] += pk * vv[u][t];
+                }
             }
         }
     }

@@ -70,6 +70,10 @@ HL_DEV u16 f32_to_bf16(float f) {  // ggml's rounding, NaN forced quiet
     return (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// Exact int -> float for |v| < 2^22 with an integer add and a float subtract (both full-rate), instead of
+// the conversion unit: dequantizing weights in a tensor-core loop would otherwise be bound by it.
+HL_DEV float i2f(int v) { return __int_as_float(0x4B400000 + v) - 12582912.0f; }
+
 // ---- unaligned-tolerant little-endian loads from quantized blocks --------------------------------------
 HL_DEV u32 ld_u16(const u8* p) { return *(const u16*)p; }                 // p 2-aligned
 HL_DEV u32 ld_u32_a2(const u8* p) { return ld_u16(p) | (ld_u16(p + 2) << 16); }  // p 2-aligned

@@ -16,7 +16,15 @@
 #define MMA_BK 32
 #define MMA_LDS (MMA_BK + 8)  // halves per shared row: 80 bytes, so 8 rows of a fragment hit distinct banks
 
-HL_DEV u32 pack_f16x2(float lo, float hi) { return (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16); }
+HL_DEV u32 pack_f16x2(float lo, float hi) {
+#if defined(HL_CUDA)
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // one conversion for two values
+    return r;
+#else
+    return (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16);
+#endif
+}
 
 // Four 8x8 b16 matrices: lane l gives the address of row l % 8 of matrix l / 8; r[i] is matrix i's
 // (row l / 4, columns 2 (l % 4), +1).
@@ -73,13 +81,14 @@ HL_DEV void mma_16816(float* c, const u32* a, const u32* b) {
 template <int BN>
 struct MmaStage {
     static constexpr int AG = MMA_BM * MMA_BK / 8 / 256, BG = BN * MMA_BK / 8 / 256;
-    float a[AG][8], b[BG][8];
+    float a[AG][8];
+    uint4 b[BG];  // 8 f16 activations
 };
 
 // Row pointers a thread loads from: A rows tid / 2 (groups 2 (tid & 1) + {0, 1}), B rows (g >> 2) for its
-// groups g = tid + 256 i (k group g & 3).
+// groups g = tid + 256 i (k group g & 3). B rows are f16, K8 (K rounded up to 8) long, zero padded.
 template <class T, int BN>
-HL_DEV void mma_load(MmaStage<BN>& st, const u8* arow, const u8* const* bcols, int k0, int K, bool bvec) {
+HL_DEV void mma_load(MmaStage<BN>& st, const u8* arow, const u16* const* bcols, int k0, int K, int K8) {
     const int tid = threadIdx.x;
 #pragma unroll
     for (int i = 0; i < MmaStage<BN>::AG; i++) {
@@ -92,15 +101,7 @@ HL_DEV void mma_load(MmaStage<BN>& st, const u8* arow, const u8* const* bcols, i
 #pragma unroll
     for (int i = 0; i < MmaStage<BN>::BG; i++) {
         const int e0 = k0 + 8 * ((tid + 256 * i) & 3);
-        const float* x = bcols[i] ? (const float*)bcols[i] + e0 : nullptr;
-        if (x && bvec && e0 + 8 <= K) {
-            const float4 u = *(const float4*)x, v = *(const float4*)(x + 4);
-            st.b[i][0] = u.x; st.b[i][1] = u.y; st.b[i][2] = u.z; st.b[i][3] = u.w;
-            st.b[i][4] = v.x; st.b[i][5] = v.y; st.b[i][6] = v.z; st.b[i][7] = v.w;
-        } else {
-#pragma unroll
-            for (int j = 0; j < 8; j++) st.b[i][j] = x && e0 + j < K ? x[j] : 0.0f;
-        }
+        st.b[i] = bcols[i] && e0 < K8 ? *(const uint4*)(bcols[i] + e0) : make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -116,16 +117,14 @@ HL_DEV void mma_store(const MmaStage<BN>& st, u16* As, u16* Bs) {
 #pragma unroll
     for (int i = 0; i < MmaStage<BN>::BG; i++) {
         const int g = tid + 256 * i;
-        const float* x = st.b[i];
-        *(uint4*)(Bs + (g >> 2) * MMA_LDS + 8 * (g & 3)) =
-            make_uint4(pack_f16x2(x[0], x[1]), pack_f16x2(x[2], x[3]), pack_f16x2(x[4], x[5]), pack_f16x2(x[6], x[7]));
+        *(uint4*)(Bs + (g >> 2) * MMA_LDS + 8 * (g & 3)) = st.b[i];
     }
 }
 
 // The 128 x BN tile of A rows from `arow` (this thread's loader row) times the B columns `bcols` (this
 // thread's loader columns) over all of K, into acc (fragment layout of mma_16816).
 template <class T, int BN>
-HL_DEV void mma_tile(const u8* arow, const u8* const* bcols, int K, bool bvec, u16 (*As)[MMA_BM * MMA_LDS],
+HL_DEV void mma_tile(const u8* arow, const u16* const* bcols, int K, int K8, u16 (*As)[MMA_BM * MMA_LDS],
                      u16 (*Bs)[BN * MMA_LDS], float (*acc)[BN / 16][4]) {
     constexpr int WN = BN / 2, NT = WN / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
@@ -136,13 +135,13 @@ HL_DEV void mma_tile(const u8* arow, const u8* const* bcols, int K, bool bvec, u
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
     MmaStage<BN> st;
-    mma_load<T, BN>(st, arow, bcols, 0, K, bvec);
+    mma_load<T, BN>(st, arow, bcols, 0, K, K8);
     mma_store<BN>(st, As[0], Bs[0]);
     __syncthreads();
     int buf = 0;
     for (int k0 = 0; k0 < K; k0 += MMA_BK) {
         const bool more = k0 + MMA_BK < K;
-        if (more) mma_load<T, BN>(st, arow, bcols, k0 + MMA_BK, K, bvec);  // in flight during the math
+        if (more) mma_load<T, BN>(st, arow, bcols, k0 + MMA_BK, K, K8);  // in flight during the math
         const u16* as = As[buf];
         const u16* bs = Bs[buf];
 #pragma unroll
@@ -178,15 +177,14 @@ HL_DEV int frag_row(int i, int c) { return ((threadIdx.x >> 5) >> 1) * 32 + i * 
 template <int BN>
 HL_DEV int frag_col(int j, int c) { return ((threadIdx.x >> 5) & 1) * (BN / 2) + j * 8 + 2 * (threadIdx.x & 3) + (c & 1); }
 
-// grid (tiles of M + M1 + M2, ceil(N / BN), ne12 * ne13), block 256. Up to three matrices A, A1, A2 (same
-// type and K, rows of nb01/nb01_1/nb01_2 bytes) share the input B (Q/K/V); their row tiles follow each
-// other in blockIdx.x, outputs D/D1/D2 with column strides nb1/nb1_1/nb1_2. Batches with one matrix only.
-// bvec: B rows 16-byte aligned (float4 loads).
+// grid (tiles of M + M1 + M2, ceil(N / BN), ne12 * ne13), block 256. B: the activations as f16 rows of K8
+// (k_to_f16), row n + N * blockIdx.z. Up to three matrices A, A1, A2 (same type and K, rows of
+// nb01/nb01_1/nb01_2 bytes) share B (Q/K/V); their row tiles follow each other in blockIdx.x, outputs
+// D/D1/D2 with column strides nb1/nb1_1/nb1_2. Batches with one matrix only.
 template <class T, int BN>
-HL_DEV void mul_mat_mma(const u8* A, const u8* B, u8* D, int K, int M, int N, i64 nb01, i64 nb02, i64 nb03,
-                        i64 nb11, i64 nb12, i64 nb13, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3,
-                        int bvec, const u8* A1, const u8* A2, u8* D1, u8* D2, int M1, int M2, i64 nb01_1,
-                        i64 nb01_2, i64 nb1_1, i64 nb1_2) {
+HL_DEV void mul_mat_mma(const u8* A, const u16* B, u8* D, int K, int K8, int M, int N, i64 nb01, i64 nb02,
+                        i64 nb03, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3, const u8* A1, const u8* A2,
+                        u8* D1, u8* D2, int M1, int M2, i64 nb01_1, i64 nb01_2, i64 nb1_1, i64 nb1_2) {
     constexpr int NT = BN / 16, BG = MmaStage<BN>::BG;
     __shared__ __align__(16) u16 As[2][MMA_BM * MMA_LDS];
     __shared__ __align__(16) u16 Bs[2][BN * MMA_LDS];
@@ -206,14 +204,14 @@ HL_DEV void mul_mat_mma(const u8* A, const u8* B, u8* D, int K, int M, int N, i6
     const int bm = bx * MMA_BM, bn = blockIdx.y * BN;
     const int i12 = blockIdx.z % ne12, i13 = blockIdx.z / ne12;
     const u8* arow = bm + (tid >> 1) < M ? A + (bm + (tid >> 1)) * nb01 + (i12 / r2) * nb02 + (i13 / r3) * nb03 : nullptr;
-    const u8* bcols[BG];
+    const u16* bcols[BG];
 #pragma unroll
     for (int i = 0; i < BG; i++) {
         const int n = bn + ((tid + 256 * i) >> 2);
-        bcols[i] = n < N ? B + n * nb11 + i12 * nb12 + i13 * nb13 : nullptr;
+        bcols[i] = n < N ? B + ((i64)n + (i64)N * blockIdx.z) * K8 : nullptr;
     }
     float acc[2][NT][4];
-    mma_tile<T, BN>(arow, bcols, K, bvec != 0, As, Bs, acc);
+    mma_tile<T, BN>(arow, bcols, K, K8, As, Bs, acc);
     u8* d = D + i12 * nb2 + i13 * nb3;
 #pragma unroll
     for (int i = 0; i < 2; i++)
@@ -230,9 +228,8 @@ HL_DEV void mul_mat_mma(const u8* A, const u8* B, u8* D, int K, int M, int N, i6
 // blockIdx.z, its (slot, token) pairs listed by k_moe_route (pair p = slot + n_used * token), BN of them per
 // tile; tiles blockIdx.y, + gridDim.y, ... up to the expert's count. grid (ceil(M / 128), tiles, n_expert).
 template <class T, int BN>
-HL_DEV void mul_mat_id_mma(const u8* A, const u8* B, u8* D, const i32* counts, const i32* lists, int cap, int K,
-                           int M, int n_used, int ne11, i64 nb01, i64 nb02, i64 nb11, i64 nb12, i64 nb1, i64 nb2,
-                           int bvec) {
+HL_DEV void mul_mat_id_mma(const u8* A, const u16* B, u8* D, const i32* counts, const i32* lists, int cap, int K,
+                           int K8, int M, int n_used, int ne11, i64 nb01, i64 nb02, i64 nb1, i64 nb2) {
     constexpr int NT = BN / 16, BG = MmaStage<BN>::BG;
     __shared__ __align__(16) u16 As[2][MMA_BM * MMA_LDS];
     __shared__ __align__(16) u16 Bs[2][BN * MMA_LDS];
@@ -242,16 +239,16 @@ HL_DEV void mul_mat_id_mma(const u8* A, const u8* B, u8* D, const i32* counts, c
     const u8* arow = bm + (tid >> 1) < M ? A + (bm + (tid >> 1)) * nb01 + e * nb02 : nullptr;
     for (int tile = blockIdx.y; tile * BN < count; tile += gridDim.y) {
         const int bn = tile * BN;
-        const u8* bcols[BG];
+        const u16* bcols[BG];
 #pragma unroll
         for (int i = 0; i < BG; i++) {
             const int n = bn + ((tid + 256 * i) >> 2);
             const int pr = n < count ? list[n] : -1;
-            bcols[i] = pr >= 0 ? B + ((pr % n_used) % ne11) * nb11 + (pr / n_used) * nb12 : nullptr;
+            bcols[i] = pr >= 0 ? B + ((i64)((pr % n_used) % ne11) + (i64)ne11 * (pr / n_used)) * K8 : nullptr;
         }
         float acc[2][NT][4];
         __syncthreads();  // the previous tile's last reads of the shared buffers are done
-        mma_tile<T, BN>(arow, bcols, K, bvec != 0, As, Bs, acc);
+        mma_tile<T, BN>(arow, bcols, K, K8, As, Bs, acc);
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
@@ -272,17 +269,17 @@ HL_DEV void mul_mat_id_mma(const u8* A, const u8* B, u8* D, const i32* counts, c
 }
 
 #define MMA_ARGS                                                                                        \
-    const u8 *A, const u8 *B, u8 *D, int K, int M, int N, i64 nb01, i64 nb02, i64 nb03, i64 nb11,       \
-        i64 nb12, i64 nb13, i64 nb1, i64 nb2, i64 nb3, int ne12, int r2, int r3, int bvec, const u8 *A1, \
-        const u8 *A2, u8 *D1, u8 *D2, int M1, int M2, i64 nb01_1, i64 nb01_2, i64 nb1_1, i64 nb1_2
+    const u8 *A, const u16 *B, u8 *D, int K, int K8, int M, int N, i64 nb01, i64 nb02, i64 nb03, i64 nb1, \
+        i64 nb2, i64 nb3, int ne12, int r2, int r3, const u8 *A1, const u8 *A2, u8 *D1, u8 *D2, int M1,   \
+        int M2, i64 nb01_1, i64 nb01_2, i64 nb1_1, i64 nb1_2
 #define MMA_PASS                                                                                        \
-    A, B, D, K, M, N, nb01, nb02, nb03, nb11, nb12, nb13, nb1, nb2, nb3, ne12, r2, r3, bvec, A1, A2, D1, D2, \
-        M1, M2, nb01_1, nb01_2, nb1_1, nb1_2
+    A, B, D, K, K8, M, N, nb01, nb02, nb03, nb1, nb2, nb3, ne12, r2, r3, A1, A2, D1, D2, M1, M2, nb01_1,   \
+        nb01_2, nb1_1, nb1_2
 
 #define MMA_ID_ARGS                                                                                     \
-    const u8 *A, const u8 *B, u8 *D, const i32 *counts, const i32 *lists, int cap, int K, int M, int n_used, \
-        int ne11, i64 nb01, i64 nb02, i64 nb11, i64 nb12, i64 nb1, i64 nb2, int bvec
-#define MMA_ID_PASS A, B, D, counts, lists, cap, K, M, n_used, ne11, nb01, nb02, nb11, nb12, nb1, nb2, bvec
+    const u8 *A, const u16 *B, u8 *D, const i32 *counts, const i32 *lists, int cap, int K, int K8, int M, \
+        int n_used, int ne11, i64 nb01, i64 nb02, i64 nb1, i64 nb2
+#define MMA_ID_PASS A, B, D, counts, lists, cap, K, K8, M, n_used, ne11, nb01, nb02, nb1, nb2
 
 #define HL_MMA_KERNELS(name, T)                                                                         \
     extern "C" __global__ void __launch_bounds__(256, 2) mul_mat_mma_##name(MMA_ARGS) {                 \
@@ -296,6 +293,20 @@ HL_DEV void mul_mat_id_mma(const u8* A, const u8* B, u8* D, const i32* counts, c
     }
 
 HL_FOR_EACH_WEIGHT_TYPE(HL_MMA_KERNELS)
+
+// f32 rows (ne0 = K; dims 1..3 with byte strides) -> f16 rows of K8 = K rounded up to 8, zero padded, row
+// r = i1 + ne1 * (i2 + ne2 * i3): the tensor cores' activations, converted once per matmul input.
+// grid (ceil(K8 / 256), min(rows, 65535), ceil(rows / 65535)), block 256.
+extern "C" __global__ void __launch_bounds__(256) k_to_f16(const u8* x, u16* y, int K, int K8, int ne1, int ne2,
+                                                           int ne3, i64 nb1, i64 nb2, i64 nb3) {
+    const i64 r = blockIdx.y + (i64)blockIdx.z * gridDim.y;
+    if (r >= (i64)ne1 * ne2 * ne3) return;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= K8) return;
+    const int i1 = (int)(r % ne1), i2 = (int)((r / ne1) % ne2), i3 = (int)(r / ((i64)ne1 * ne2));
+    const float v = i < K ? ((const float*)(x + i1 * nb1 + i2 * nb2 + i3 * nb3))[i] : 0.0f;
+    y[r * K8 + i] = f32_to_f16(v);
+}
 
 // Expert e = blockIdx.x collects its (slot, token) pairs p = slot + n_used * token from ids (n_used x
 // n_tokens, I32) into lists[e * cap ...] and their number into counts[e]; block 256. Out-of-range ids are

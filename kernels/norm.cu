@@ -16,6 +16,8 @@ HL_DEV bool block_row(int ne1, int ne2, int ne3, int* i1, int* i2, int* i3) {
 
 enum { N_RMS = 0, N_NORM = 1, N_L2 = 2 };
 
+#define NORM_EPT 8  // row values per thread kept in registers
+
 // x and dst are f32 with dense rows. w (f32, may be null) multiplies the result, broadcast by modulo.
 extern "C" __global__ void __launch_bounds__(1024) k_norm(
     int kind, float eps, const u8* x, u8* d, const u8* w, int ne0, int ne1, int ne2, int ne3, i64 nbx1,
@@ -28,16 +30,39 @@ extern "C" __global__ void __launch_bounds__(1024) k_norm(
     float* dr = (float*)(d + i1 * nbd1 + i2 * nbd2 + i3 * nbd3);
     const u8* wr = w ? w + (i1 % nw1) * nbw1 + (i2 % nw2) * nbw2 + (i3 % nw3) * nbw3 : nullptr;
 
+    // a row of up to NORM_EPT * blockDim.x values stays in registers (one read of x); longer rows re-read it
+    float xv[NORM_EPT];
+    const bool cached = ne0 <= NORM_EPT * (int)blockDim.x;
     float mean = 0.0f;
+    if (cached) {
+#pragma unroll
+        for (int k = 0; k < NORM_EPT; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            xv[k] = i < ne0 ? xr[i] : 0.0f;
+        }
+    }
     if (kind == N_NORM) {
         float s = 0.0f;
-        for (int i = threadIdx.x; i < ne0; i += blockDim.x) s += xr[i];
+        if (cached) {
+#pragma unroll
+            for (int k = 0; k < NORM_EPT; k++) s += xv[k];
+        } else {
+            for (int i = threadIdx.x; i < ne0; i += blockDim.x) s += xr[i];
+        }
         mean = block_sum(s, scratch) / (float)ne0;
     }
     float s2 = 0.0f;
-    for (int i = threadIdx.x; i < ne0; i += blockDim.x) {
-        const float v = xr[i] - mean;
-        s2 += v * v;
+    if (cached) {
+#pragma unroll
+        for (int k = 0; k < NORM_EPT; k++) {
+            const float v = threadIdx.x + k * blockDim.x < ne0 ? xv[k] - mean : 0.0f;
+            s2 += v * v;
+        }
+    } else {
+        for (int i = threadIdx.x; i < ne0; i += blockDim.x) {
+            const float v = xr[i] - mean;
+            s2 += v * v;
+        }
     }
     s2 = block_sum(s2, scratch);
     float scale;
@@ -45,12 +70,20 @@ extern "C" __global__ void __launch_bounds__(1024) k_norm(
     else scale = 1.0f / sqrtf(s2 / (float)ne0 + eps);
     // with oq (dst contiguous, ne0 % 32 == 0): also the q8 copy of the row for the matmuls reading it
     const i64 flat = ((i64)i1 + (i64)ne1 * (i2 + (i64)ne2 * i3)) * ne0;
-    for (int base = 0; base < ne0; base += blockDim.x) {  // uniform trip count: q8 shuffles
+    for (int base = 0, k = 0; base < ne0; base += blockDim.x, k++) {  // uniform trip count: q8 shuffles
         const int i = base + threadIdx.x;
         const bool ok = i < ne0;
         float v = 0.0f;
         if (ok) {
-            v = (xr[i] - mean) * scale;
+            float x = 0.0f;
+            if (cached) {
+#pragma unroll
+                for (int kk = 0; kk < NORM_EPT; kk++)
+                    if (kk == k) x = xv[kk];  // constant register index after unrolling
+            } else {
+                x = xr[i];
+            }
+            v = (x - mean) * scale;
             if (wr) v *= *(const float*)(wr + (i % nw0) * nbw0);
             dr[i] = v;
         }

@@ -97,3 +97,18 @@ extern "C" __global__ void __launch_bounds__(1024) k_moe_router(const u8* logits
         for (int e = 0; e < n_used; e++) w[e] = norm ? sv[so[e]] / c : sv[so[e]];
     }
 }
+
+// out[m, t] = sum_e w[0, e, t] * ex[m, e, t] (+ r[m, t]): the MoE expert results weighted by the router and
+// summed over the slots (MUL, the slot views and the ADD chain of llama.cpp's graph, in that order), for
+// batches the per-slot matmuls ran apart. grid (ceil(M / 256), tokens), block 256.
+extern "C" __global__ void __launch_bounds__(256) k_moe_wsum(const u8* ex, const u8* w, const u8* r, u8* out,
+                                                             int M, int n_used, i64 nbe1, i64 nbe2, i64 nbw1,
+                                                             i64 nbw2, i64 nbr1, i64 nbo1) {
+    const int m = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (m >= M) return;
+    float acc = 0.0f;
+    for (int e = 0; e < n_used; e++)
+        acc += *(const float*)(ex + m * 4 + e * nbe1 + t * nbe2) * *(const float*)(w + e * nbw1 + t * nbw2);
+    if (r) acc += *(const float*)(r + m * 4 + t * nbr1);
+    *(float*)(out + m * 4 + t * nbo1) = acc;
+}

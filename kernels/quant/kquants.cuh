@@ -28,7 +28,7 @@ struct q2_K {
         const float dl = ld_f16(b + 80) * (float)(sc & 15), ml = ld_f16(b + 82) * (float)(sc >> 4);
         const u8* q = b + 16 + 32 * h + l0;
 #pragma unroll
-        for (int i = 0; i < 8; i++) y[i] = dl * (float)((q[i] >> (2 * s)) & 3) - ml;
+        for (int i = 0; i < 8; i++) y[i] = dl * i2f((q[i] >> (2 * s)) & 3) - ml;
     }
 };
 
@@ -50,7 +50,7 @@ struct q3_K {
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const int q2 = (q[i] >> (2 * s)) & 3;
-            y[i] = dl * (float)(q2 - (((hm[i] >> hbit) & 1) ? 0 : 4));
+            y[i] = dl * i2f(q2 - (((hm[i] >> hbit) & 1) ? 0 : 4));
         }
     }
 };
@@ -69,8 +69,8 @@ struct q4_K {
         const u32 w0 = ld_u32(q) >> (4 * hi), w1 = ld_u32(q + 4) >> (4 * hi);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            y[i] = dl * (float)((w0 >> (8 * i)) & 15) - ml;
-            y[i + 4] = dl * (float)((w1 >> (8 * i)) & 15) - ml;
+            y[i] = dl * i2f((w0 >> (8 * i)) & 15) - ml;
+            y[i + 4] = dl * i2f((w1 >> (8 * i)) & 15) - ml;
         }
     }
 };
@@ -91,8 +91,8 @@ struct q5_K {
         const u32 h0 = ld_u32(b + 16 + l0) >> hb, h1 = ld_u32(b + 16 + l0 + 4) >> hb;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            y[i] = dl * (float)(((w0 >> (8 * i)) & 15) | (((h0 >> (8 * i)) & 1) << 4)) - ml;
-            y[i + 4] = dl * (float)(((w1 >> (8 * i)) & 15) | (((h1 >> (8 * i)) & 1) << 4)) - ml;
+            y[i] = dl * i2f(((w0 >> (8 * i)) & 15) | (((h0 >> (8 * i)) & 1) << 4)) - ml;
+            y[i + 4] = dl * i2f(((w1 >> (8 * i)) & 15) | (((h1 >> (8 * i)) & 1) << 4)) - ml;
         }
     }
 };
@@ -111,7 +111,7 @@ struct q6_K {
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const int v = ((ql[i] >> sl) & 15) | (((qh[i] >> sh) & 3) << 4);
-            y[i] = dl * (float)(v - 32);
+            y[i] = dl * i2f(v - 32);
         }
     }
 };
@@ -128,6 +128,6 @@ struct iq4_xs {
         int q[8];
         nibbles8(b + 8 + 16 * ib, c, q);
 #pragma unroll
-        for (int i = 0; i < 8; i++) y[i] = dl * (float)kvalue_iq4nl(q[i]);
+        for (int i = 0; i < 8; i++) y[i] = dl * i2f(kvalue_iq4nl(q[i]));
     }
 };

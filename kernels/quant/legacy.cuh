@@ -22,7 +22,7 @@ struct q4_0 {
         int q[8];
         nibbles8(b + 2, g & 3, q);
 #pragma unroll
-        for (int i = 0; i < 8; i++) y[i] = (float)(q[i] - 8) * d;
+        for (int i = 0; i < 8; i++) y[i] = i2f(q[i] - 8) * d;
     }
 };
 
@@ -35,7 +35,7 @@ struct q4_1 {
         int q[8];
         nibbles8(b + 4, g & 3, q);
 #pragma unroll
-        for (int i = 0; i < 8; i++) y[i] = (float)q[i] * d + m;
+        for (int i = 0; i < 8; i++) y[i] = i2f(q[i]) * d + m;
     }
 };
 
@@ -49,7 +49,7 @@ struct q5_0 {
         int q[8];
         nibbles8(b + 6, g & 3, q);
 #pragma unroll
-        for (int i = 0; i < 8; i++) y[i] = (float)((q[i] | (int)(((qh >> i) & 1) << 4)) - 16) * d;
+        for (int i = 0; i < 8; i++) y[i] = i2f((q[i] | (int)(((qh >> i) & 1) << 4)) - 16) * d;
     }
 };
 
@@ -63,7 +63,7 @@ struct q5_1 {
         int q[8];
         nibbles8(b + 8, g & 3, q);
 #pragma unroll
-        for (int i = 0; i < 8; i++) y[i] = (float)(q[i] | (int)(((qh >> i) & 1) << 4)) * d + m;
+        for (int i = 0; i < 8; i++) y[i] = i2f(q[i] | (int)(((qh >> i) & 1) << 4)) * d + m;
     }
 };
 
@@ -77,8 +77,8 @@ struct q8_0 {
 #pragma unroll
         for (int i = 0; i < 8; i += 2) {
             const u32 v = ld_u16(qs + i);
-            y[i] = (float)(i8)(v & 0xff) * d;
-            y[i + 1] = (float)(i8)(v >> 8) * d;
+            y[i] = i2f((i8)(v & 0xff)) * d;
+            y[i + 1] = i2f((i8)(v >> 8)) * d;
         }
     }
 };
@@ -99,7 +99,7 @@ struct iq4_nl {
         int q[8];
         nibbles8(b + 2, g & 3, q);
 #pragma unroll
-        for (int i = 0; i < 8; i++) y[i] = (float)kvalue_iq4nl(q[i]) * d;
+        for (int i = 0; i < 8; i++) y[i] = i2f(kvalue_iq4nl(q[i])) * d;
     }
 };
 
@@ -117,6 +117,6 @@ struct mxfp4 {
         int q[8];
         nibbles8(b + 1, g & 3, q);
 #pragma unroll
-        for (int i = 0; i < 8; i++) y[i] = (float)kvalue_fp4(q[i]) * d;
+        for (int i = 0; i < 8; i++) y[i] = i2f(kvalue_fp4(q[i])) * d;
     }
 };

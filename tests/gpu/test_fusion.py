@@ -173,6 +173,15 @@ def test_moe_ffn(gpu, T, rng):
         # router matvec, router (softmax, argsort, get_rows, sum_rows, clamp, div), q8 of the input,
         # gate/up/GLU(+q8), down experts * weights summed + residual
         assert n_fused == 5, n_fused
+    else:
+        from test_matmul import tensor_cores
+
+        g = Graph(gpu)
+        build(g)
+        # tensor cores: f16 copy of the input, router matmul, fused router, routing lists, gate, up, GLU,
+        # f16 copy of the GLU output, down, weighted sum +
+        # residual; else the decode path (per-pair q8 matvecs, fused) at any size
+        assert len(gpu.prepare(g.nodes).launches) == (10 if tensor_cores(gpu) else 5)
     (out, out_ref), (order, order_ref) = run_both(gpu, build)
     np.testing.assert_array_equal(order, order_ref)
     assert_close(out, out_ref, rtol=3e-2, atol=3e-2 * np.abs(out_ref).max(), what="moe vs numpy backend")

@@ -107,12 +107,14 @@ def test_glu(gpu, gop, form, rng):
 
 
 @pytest.mark.parametrize("op", [GGMLOp.RMS_NORM, GGMLOp.NORM, GGMLOp.L2_NORM])
-def test_norms(gpu, op, rng):
-    x = randn(rng, 2, 3, 300) + 0.5
+@pytest.mark.parametrize("n", [300, 8448], ids=["registers", "long-rows"])  # rows kept in registers or re-read
+def test_norms(gpu, op, n, rng):
+    x = randn(rng, 2, 3 if n < 1000 else 1, n) + 0.5
+    shape = (n, x.shape[1], 2)
 
     def build(g):
-        t = g.tensor(F32, (300, 3, 2), x)
-        return [g.node(op, F32, (300, 3, 2), [t], params=(1e-5,))]
+        t = g.tensor(F32, shape, x)
+        return [g.node(op, F32, shape, [t], params=(1e-5,))]
 
     [(got, ref)] = run_both(gpu, build)
     assert_close(got, ref, rtol=1e-5, atol=1e-6, what=op.name)

@@ -45,6 +45,9 @@ class BuildCtx:
         self.q8: dict[tuple[int, int, int], Any] = {}   # storage key -> Q8Buf holding its quantized copy
         self.q8_wanted: set[tuple[int, int, int]] = set()  # storage keys some matmul will read as q8
         self.routes: dict[int, tuple[int, int, int]] = {}  # id(ids) -> MoE routing lists (counts, lists, cap)
+        self.f16: dict[tuple[int, int, int], tuple[int, int]] = {}  # storage key -> f16 copy (pointer, K8)
+        self.f16_slots: list[list] = []   # ring of reusable f16 buffers: [pointer, size, key]
+        self.f16_next = 0
 
     def scratch(self, nbytes: int) -> int:
         """Device memory that lives as long as the plan (bump-allocated from 1 MiB chunks)."""

@@ -8,6 +8,7 @@
     MUL_MAT_ID gate, up -> GLU                            mmvq_id_glu
     MUL_MAT_ID down -> MUL(router weights) -> views -> ADD chain [-> ADD residual]   mmvq_id_sum
     SOFT_MAX -> ARGSORT, GET_ROWS(top k) [-> SUM_ROWS -> CLAMP -> DIV]                 k_moe_router
+    MUL(expert results, weights) -> views -> ADD chain [-> ADD residual] (prefill)      k_moe_wsum
 
 A group's launch replaces all its members and runs at the position of one of them (`at`): the last member
 for chains, the first for matmuls sharing an input. Intermediates it skips must have no other reader and
@@ -243,19 +244,14 @@ def _needs_f32(g: Graph, t: Tensor, ctx: BuildCtx) -> bool:
     return False
 
 
-def match_moe_sum(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
-    """MUL_MAT_ID(down) -> MUL(weights [1, n_used, T]) -> n_used views -> ADD chain [-> ADD residual]."""
-    if n.op != GGMLOp.MUL_MAT_ID or not mmvq_id_ok(n, ctx):
-        return None
-    rd = g.readers(n)
-    if len(rd) != 1 or g.is_output(n):
-        return None
-    mul = rd[0]
+def _moe_chain(g: Graph, mul: Tensor, mm: Tensor):
+    """(weights, ADD chain, output, residual) of MUL(mm, weights [1, n_used, T]) -> n_used views -> ADD chain
+    [-> ADD residual], or None."""
     w = mul.src_at(1)
-    M, n_used, T = n.ne[0], n.ne[1], n.ne[2]
-    if mul.op != GGMLOp.MUL or mul.src_at(0) is not n or w is None or w.type != GGMLType.F32 or n_used < 2:
+    M, n_used, T = mm.ne[0], mm.ne[1], mm.ne[2]
+    if mul.op != GGMLOp.MUL or mul.src_at(0) is not mm or w is None or w.type != GGMLType.F32 or n_used < 2:
         return None
-    if w.ne != (1, n_used, T, 1) or mul.ne != n.ne or not mul.is_contiguous or g.is_output(mul):
+    if w.ne != (1, n_used, T, 1) or mul.ne != mm.ne or not mul.is_contiguous or g.is_output(mul):
         return None
     views = {}
     for v in g.raw.get(id(mul), ()):
@@ -282,9 +278,44 @@ def match_moe_sum(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
         r = _other_operand(rd[0], out)
         if r is not None and r.ne == out.ne and r.type == GGMLType.F32 and r.nb[0] == 4 and rd[0].nb[0] == 4:
             res, out = r, rd[0]
+    return w, chain, out, res
+
+
+def match_moe_sum(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
+    """MUL_MAT_ID(down) -> MUL(weights [1, n_used, T]) -> n_used views -> ADD chain [-> ADD residual]: one
+    matvec launch for decode batches."""
+    if n.op != GGMLOp.MUL_MAT_ID or not mmvq_id_ok(n, ctx):
+        return None
+    rd = g.readers(n)
+    if len(rd) != 1 or g.is_output(n):
+        return None
+    found = _moe_chain(g, rd[0], n)
+    if found is None:
+        return None
+    w, chain, out, res = found
+    mul = rd[0]
     members = [n, mul, *chain] + ([out] if res is not None else [])
     io = [(n, [n.src[0], n.src[1], n.src[2]], []), (mul, [w], []), (out, [res], [out])]
     return Group(members, out, lambda c: build_mmvq_id_sum(c, n, w, out, res), io)
+
+
+def match_moe_wsum(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
+    """The same weighted sum after expert matmuls that ran on their own (prefill): MUL, views and ADDs in
+    one elementwise launch."""
+    from .reduce import build_moe_wsum
+
+    mm = n.src_at(0)
+    if n.op != GGMLOp.MUL or mm is None or mm.op != GGMLOp.MUL_MAT_ID or not g.only_reader(mm, n):
+        return None
+    if mm.type != GGMLType.F32 or mm.nb[0] != 4:
+        return None
+    found = _moe_chain(g, n, mm)
+    if found is None:
+        return None
+    w, chain, out, res = found
+    members = [n, *chain] + ([out] if res is not None else [])
+    io = [(n, [mm, w], []), (out, [res], [out])]
+    return Group(members, out, lambda c: build_moe_wsum(c, mm, w, out, res), io)
 
 
 def match_moe_router(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
@@ -446,7 +477,7 @@ def plan(nodes: Sequence[Tensor], run: Sequence[Tensor], ctx: BuildCtx,
 
 
 def _match(g: Graph, n: Tensor, ctx: BuildCtx, claimed: dict) -> Group | None:
-    for m in (match_norm, match_moe_router, match_glu, match_moe_sum, match_mm_add):
+    for m in (match_norm, match_moe_router, match_glu, match_moe_sum, match_moe_wsum, match_mm_add):
         grp = m(g, n, ctx)
         if grp is not None and all(id(x) not in claimed for x in grp.members) and g.safe(grp):
             return grp

@@ -7,7 +7,7 @@ from typing import Sequence
 from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, TRAITS, type_name
 from . import register
-from .common import I32, I64, P, BuildCtx, dense_rows, launch, mma_ok, require, src
+from .common import I32, I64, P, BuildCtx, dense_rows, launch, mma_ok, require, row_grid, src, storage_key
 from .mmvq import MatOut, build_mmvq, build_mmvq_id, mmvq_id_ok, mmvq_ok
 
 # ggml type -> kernel suffix and the byte alignment its decoder's loads need (quant/*.cuh ALIGN)
@@ -59,7 +59,7 @@ def build_mul_mat(node: Tensor, ctx: BuildCtx):
         grid = ((M + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, (N + VEC_MAX_COLS - 1) // VEC_MAX_COLS, batch)
         return [launch(ctx.fn("matmul", kname), grid, (ctx.warp, ROWS_PER_BLOCK), args)]
     if mma_ok(ctx):
-        return build_mul_mat_mma(node, a, b, ctx, args)
+        return build_mul_mat_mma(node, a, b, ctx)
     grid = ((M + TILE - 1) // TILE, (N + TILE - 1) // TILE, batch)
     return [launch(ctx.fn("matmul", f"mul_mat_tile_{name}"), grid, (256,), args)]
 
@@ -67,31 +67,59 @@ def build_mul_mat(node: Tensor, ctx: BuildCtx):
 MMA_BM, MMA_SMALL_GRID = 128, 264  # 2 blocks per multiprocessor on an H100
 
 
-def build_mul_mat_mma(node: Tensor, a: Tensor, b: Tensor, ctx: BuildCtx, args: tuple,
-                      more: Sequence[Tensor] = ()):
-    """Tensor-core tiles; `more` (up to two other MUL_MATs of the same weight type, K and src1) run in the
-    same launch, their row tiles after this one's."""
-    K, N = a.ne[0], b.ne[1]
-    batch = b.ne[2] * b.ne[3]
-    bvec = (int(ctx.ptr(b)) | b.nb[1] | b.nb[2] | b.nb[3]) % 16 == 0
+F16_SLOTS = 4  # f16 activation copies alive at once (each is read by the matmuls right after it)
+
+
+def f16_for(ctx: BuildCtx, b: Tensor) -> tuple[list, int, int]:
+    """(launches, pointer, K8): b's rows as f16 rows of K8 = K rounded up to 8 (kernels/mma.cu k_to_f16),
+    converted once and shared by the matmuls reading b. Copies live in a small ring of buffers; reusing a
+    slot forgets the copy it held (a later reader converts again), so no launch reads a stale copy."""
+    key = storage_key(b)
+    cacheable = b.type == GGMLType.F32 and b.is_contiguous
+    if cacheable and key in ctx.f16:
+        ptr, K8 = ctx.f16[key]
+        return [], ptr, K8
+    K = b.ne[0]
+    K8 = (K + 7) // 8 * 8
+    rows = b.ne[1] * b.ne[2] * b.ne[3]
+    size = rows * K8 * 2
+    if len(ctx.f16_slots) < F16_SLOTS:
+        ctx.f16_slots.append([0, 0, None])
+    slot = ctx.f16_slots[ctx.f16_next % len(ctx.f16_slots)]
+    ctx.f16_next += 1
+    if slot[2] is not None:
+        ctx.f16.pop(slot[2], None)
+    if slot[1] < size:
+        slot[0], slot[1] = ctx.scratch(size), size
+    slot[2] = key if cacheable else None
+    gy, gz = row_grid(rows)
+    args = (ctx.ptr(b), P(slot[0]), I32(K), I32(K8), I32(b.ne[1]), I32(b.ne[2]), I32(b.ne[3]), I64(b.nb[1]),
+            I64(b.nb[2]), I64(b.nb[3]))
+    if cacheable:
+        ctx.f16[key] = (slot[0], K8)
+    return [launch(ctx.fn("mma", "k_to_f16"), ((K8 + 255) // 256, gy, gz), (256,), args)], slot[0], K8
+
+
+def build_mul_mat_mma(node: Tensor, a: Tensor, b: Tensor, ctx: BuildCtx, more: Sequence[Tensor] = ()):
+    """Tensor-core tiles on f16 activations; `more` (up to two other MUL_MATs of the same weight type, K and
+    src1) run in the same launch, their row tiles after this one's."""
+    K, M, a2, a3 = a.ne
+    _, N, b2, b3 = b.ne
+    require(b.nb[0] == 4, node, "src1 rows must be dense")
+    pre, bh, K8 = f16_for(ctx, b)
+    batch = b2 * b3
     tiles = sum((x.ne[1] + MMA_BM - 1) // MMA_BM for x in [a] + [m.src[0] for m in more])
     bn = 128 if tiles * ((N + 127) // 128) * batch >= MMA_SMALL_GRID else 64
     extra = [(m.src[0], m) for m in more] + [(a, node)] * (2 - len(more))
     Ms = [x.ne[1] if i < len(more) else 0 for i, (x, _) in enumerate(extra)]
-    args = args + (I32(bvec), ctx.ptr(extra[0][0]), ctx.ptr(extra[1][0]), ctx.ptr(extra[0][1]), ctx.ptr(extra[1][1]),
-                   I32(Ms[0]), I32(Ms[1]), I64(extra[0][0].nb[1]), I64(extra[1][0].nb[1]), I64(extra[0][1].nb[1]),
-                   I64(extra[1][1].nb[1]))
+    args = (ctx.ptr(a), P(bh), ctx.ptr(node), I32(K), I32(K8), I32(M), I32(N), I64(a.nb[1]), I64(a.nb[2]),
+            I64(a.nb[3]), I64(node.nb[1]), I64(node.nb[2]), I64(node.nb[3]), I32(b2), I32(b2 // a2), I32(b3 // a3),
+            ctx.ptr(extra[0][0]), ctx.ptr(extra[1][0]), ctx.ptr(extra[0][1]), ctx.ptr(extra[1][1]), I32(Ms[0]),
+            I32(Ms[1]), I64(extra[0][0].nb[1]), I64(extra[1][0].nb[1]), I64(extra[0][1].nb[1]),
+            I64(extra[1][1].nb[1]))
     grid = (tiles, (N + bn - 1) // bn, batch)
     kname = f"mul_mat_mma{'' if bn == 128 else '64'}_{TRAITS[a.type].name}"
-    return [launch(ctx.fn("mma", kname), grid, (256,), args)]
-
-
-def mm_args(node: Tensor, a: Tensor, b: Tensor, ctx: BuildCtx) -> tuple:
-    K, M, a2, a3 = a.ne
-    _, N, b2, b3 = b.ne
-    return (ctx.ptr(a), ctx.ptr(b), ctx.ptr(node), I32(K), I32(M), I32(N), I64(a.nb[1]), I64(a.nb[2]),
-            I64(a.nb[3]), I64(b.nb[1]), I64(b.nb[2]), I64(b.nb[3]), I64(node.nb[1]), I64(node.nb[2]),
-            I64(node.nb[3]), I32(b2), I32(b2 // a2), I32(b3 // a3))
+    return pre + [launch(ctx.fn("mma", kname), grid, (256,), args)]
 
 
 def mma_multi_ok(node: Tensor, ctx: BuildCtx) -> bool:
@@ -110,7 +138,7 @@ def build_mul_mat_multi(ctx: BuildCtx, mms: Sequence[Tensor]):
     for m in mms:
         check_weight(m, m.src[0], ctx)
     check_activations(first, b, ctx)
-    return build_mul_mat_mma(first, a, b, ctx, mm_args(first, a, b, ctx), more=list(mms[1:]))
+    return build_mul_mat_mma(first, a, b, ctx, more=list(mms[1:]))
 
 
 @register(GGMLOp.MUL_MAT_ID)
@@ -128,7 +156,7 @@ def build_mul_mat_id(node: Tensor, ctx: BuildCtx):
     require(n_used * n_tokens <= 65535, node, "too many (slot, token) pairs for one launch")
     if mmvq_id_ok(node, ctx):
         return build_mmvq_id(ctx, node)
-    if mma_ok(ctx) and n_tokens > VEC_MAX_COLS and (int(ctx.ptr(b)) | b.nb[1] | b.nb[2]) % 4 == 0:
+    if mma_ok(ctx) and n_tokens > VEC_MAX_COLS and b.nb[0] == 4:
         return build_mul_mat_id_mma(node, a, b, ids, ctx)
     name = TRAITS[a.type].name
     args = (ctx.ptr(a), ctx.ptr(b), ctx.ptr(ids), ctx.ptr(node), ctx.err_ptr,
@@ -162,10 +190,9 @@ def build_mul_mat_id_mma(node: Tensor, a: Tensor, b: Tensor, ids: Tensor, ctx: B
     n_used, n_tok, ne11 = ids.ne[0], ids.ne[1], b.ne[1]
     require(n_expert <= 65535, node, "too many experts for one launch")
     pre, (counts, lists, cap) = moe_route(ctx, node, ids, n_expert)
-    bvec = (int(ctx.ptr(b)) | b.nb[1] | b.nb[2]) % 16 == 0
+    conv, bh, K8 = f16_for(ctx, b)  # rows (e % ne11) + ne11 * t, as the kernel indexes them
     # tokens pick distinct experts, so an expert has at most n_tok pairs; tiles loop past that if not
     grid = ((M + 127) // 128, (n_tok + MOE_BN - 1) // MOE_BN, n_expert)
-    args = (ctx.ptr(a), ctx.ptr(b), ctx.ptr(node), P(counts), P(lists), I32(cap), I32(K), I32(M), I32(n_used),
-            I32(ne11), I64(a.nb[1]), I64(a.nb[2]), I64(b.nb[1]), I64(b.nb[2]), I64(node.nb[1]), I64(node.nb[2]),
-            I32(bvec))
-    return pre + [launch(ctx.fn("mma", f"mul_mat_id_mma_{TRAITS[a.type].name}"), grid, (256,), args)]
+    args = (ctx.ptr(a), P(bh), ctx.ptr(node), P(counts), P(lists), I32(cap), I32(K), I32(K8), I32(M), I32(n_used),
+            I32(ne11), I64(a.nb[1]), I64(a.nb[2]), I64(node.nb[1]), I64(node.nb[2]))
+    return pre + conv + [launch(ctx.fn("mma", f"mul_mat_id_mma_{TRAITS[a.type].name}"), grid, (256,), args)]

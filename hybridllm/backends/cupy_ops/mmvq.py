@@ -107,7 +107,7 @@ def q8_for(ctx: BuildCtx, b: Tensor) -> tuple[list, Q8Buf]:
 
 
 def q8_invalidate(ctx: BuildCtx, written: Sequence[Tensor], keep: Sequence[Q8Buf] = ()) -> None:
-    """Forget q8 copies whose source bytes a launch just overwrote."""
+    """Forget q8 (and f16) copies whose source bytes a launch just overwrote."""
     for t in written:
         if t is None or t.buffer is None:
             continue
@@ -115,6 +115,9 @@ def q8_invalidate(ctx: BuildCtx, written: Sequence[Tensor], keep: Sequence[Q8Buf
         for key in [k for k, v in ctx.q8.items() if k[0] == id(t.buffer) and v not in keep]:
             if key[1] < hi and lo < key[1] + key[2]:
                 del ctx.q8[key]
+        for key in [k for k in ctx.f16 if k[0] == id(t.buffer)]:
+            if key[1] < hi and lo < key[1] + key[2]:
+                del ctx.f16[key]
 
 
 @dataclass

@@ -18,7 +18,7 @@ def _norm_launch(node: Tensor, out: Tensor, w: Tensor | None, ctx: BuildCtx, q8=
         require(t.type == GGMLType.F32 and t.nb[0] == 4, node, f"{t.name!r} must be f32 with dense rows")
     require(out.ne == x.ne, node, "shapes differ")
     n0, n1, n2, n3 = x.ne
-    threads = elem_threads(n0, ctx.warp, cap=1024 if n0 >= 4096 else 256)
+    threads = elem_threads((n0 + 3) // 4, ctx.warp, cap=1024)  # ~4 values per thread, held in registers
     gx, gy = row_grid(n1 * n2 * n3)
     if w is not None:
         wargs = (*(I32(n) for n in w.ne), *nb_args(w))

@@ -57,3 +57,15 @@ def build_moe_router(ctx: BuildCtx, sm: Tensor, order: Tensor, wts: Tensor, norm
     args = (ctx.ptr(logits), ctx.ptr(order), ctx.ptr(out), I32(n_exp), I32(n_used), I32(n_tok),
             I32(norm is not None), F32(cmin), F32(cmax), I64(logits.nb[1]), I64(order.nb[1]), I64(token_stride))
     return [launch(ctx.fn("reduce", "k_moe_router"), (gx, gy), (elem_threads(n_exp, ctx.warp),), args)]
+
+
+def build_moe_wsum(ctx: BuildCtx, ex: Tensor, w: Tensor, out: Tensor, res: Tensor | None):
+    """out = sum over slots of router weight x expert result (+ residual): MUL -> views -> ADD chain."""
+    from .common import I64, NULL
+
+    M, n_used, T = ex.ne[0], ex.ne[1], ex.ne[2]
+    r = (ctx.ptr(res), I64(res.nb[1])) if res is not None else (NULL, I64(0))
+    args = (ctx.ptr(ex), ctx.ptr(w), r[0], ctx.ptr(out), I32(M), I32(n_used), I64(ex.nb[1]), I64(ex.nb[2]),
+            I64(w.nb[1]), I64(w.nb[2]), r[1], I64(out.nb[1]))
+    require(T <= 65535, out, "too many tokens for one launch")
+    return [launch(ctx.fn("reduce", "k_moe_wsum"), ((M + 255) // 256, T), (256,), args)]
