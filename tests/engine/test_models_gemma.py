@@ -3,10 +3,9 @@
 * node by node: every node of our graphs == ggml's kernel on the same inputs (1e-5; flash attention 5e-3,
   see test_models_synth.NODE_TOL_OP);
 * greedy generation: 64 tokens identical to llama.cpp's;
-* logits: within 1e-3 relative, or within llama.cpp's own spread between flash attention on and off when
-  larger. Gemma 3 270M is very sensitive: llama.cpp's two attention paths already differ by ~5e-2 in the
-  logits after two tokens, because every ulp of difference can flip an 8-bit activation rounding.
-  Reaching 1e-3 needs ops that are bit-exact with ggml's kernels (test_nodes reports which are not).
+* logits: within 1e-3 relative. Gemma 3 270M is very sensitive (llama.cpp's own two attention paths differ by
+  ~5e-2 after two tokens, since an ulp can flip an 8-bit activation rounding), so this holds only because our
+  CPU ops replay ggml's kernels bit for bit (tests/numerics).
 * memory: RSS of a process that loads the model and generates stays under 1.5 GB.
 """
 from __future__ import annotations
@@ -77,7 +76,7 @@ def test_logits_match_llama_cpp(gemma_path: Path, tmp_path: Path) -> None:
     ref_off = run_master(gemma_path, tmp_path / "off", prompt_ids=PROMPT, n_predict=n, flash_attn="off",
                          n_ctx=4096, force_tokens=fed)
     spread = max(rel_err(a, b) for a, b in zip(ref_off.logits, ref_on.logits))
-    tol = max(REL_TOL, 2 * spread)
+    tol = REL_TOL  # ops are bit-exact with ggml's CPU kernels (tests/numerics); `spread` is for the message
     for fa, want in ((True, ref_on.logits), (False, ref_off.logits)):
         runner = load(gemma_path, n_ctx=4096, flash_attn=fa)
         rows = [runner.decode(PROMPT)[0]] + [runner.decode([t])[0] for t in fed]

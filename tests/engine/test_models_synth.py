@@ -4,10 +4,9 @@ Two independent checks per architecture:
 * node by node: every node of our prompt and decode graphs, recomputed by ggml's own CPU kernel on the
   very same inputs, agrees within 1e-5 relative (the graph means what llama.cpp's graph means);
 * end to end: logits of a prompt and teacher-forced decode steps against the peer master (CPU,
-  plain-buffer configuration) within 1e-3 relative, or within llama.cpp's own spread between two valid
-  configurations (flash attention on vs off) when that is larger: activations are re-quantized to 8 bits
-  before every quantized matmul, so an ulp of difference in an op can flip a rounding and these random
-  models amplify such flips; bit-exact kernels are needed for 1e-3 there.
+  plain-buffer configuration) within 1e-3 relative: activations are re-quantized to 8 bits before every
+  quantized matmul, so an ulp of difference would flip roundings that these random models amplify; it
+  holds because our CPU ops replay ggml's kernels bit for bit (tests/numerics).
 """
 from __future__ import annotations
 
@@ -79,7 +78,7 @@ def test_logits_match_llama_cpp(root: Path, arch: str, tmp_path: Path) -> None:
     ref_fa = run_master(path, tmp_path / "on", prompt_ids=PROMPT, n_predict=5, flash_attn="on", n_ctx=512,
                         force_tokens=ref.fed)
     spread = max(rel_err(a, b) for a, b in zip(ref_fa.logits, ref.logits))
-    tol = max(REL_TOL, 2 * spread)
+    tol = REL_TOL  # ops are bit-exact with ggml's CPU kernels (tests/numerics); `spread` is for the message
     for fa, want in ((False, ref), (True, ref_fa)):
         got = ours(path, PROMPT, ref.fed, fa)
         errs = [rel_err(a, b) for a, b in zip(got, want.logits)]
@@ -117,6 +116,6 @@ def test_decode_across_kv_growth(root: Path, tmp_path: Path, arch: str) -> None:
     rows = [r.decode(prompt)[0]] + [r.decode([t])[0] for t in ref.fed]
     assert r.n_past == 261 and r.kv.caches[0].n_kv() == 512
     errs = [rel_err(a, b) for a, b in zip(rows, ref.logits)]
-    assert max(errs) <= 5 * REL_TOL, errs  # flash attention's F16 accumulator: ~1e-3 (module docstring)
+    assert max(errs) <= REL_TOL, errs  # the F16-accumulator FA is replayed as ggml runs it
     assert [int(a.argmax()) for a in rows] == ref.tokens
     r.close()
