@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -91,7 +92,7 @@ def ablation(be, plan, n: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["saved_ms"])
 
 
-def profile_model(be, name: str, past: int, prefill: int, reps: int) -> dict:
+def profile_model(be, name: str, past: int, prefill: int, reps: int, abl: bool = True) -> dict:
     m = MODELS[name]
     ws = Weightset(be, m)
     res: dict = {}
@@ -109,10 +110,10 @@ def profile_model(be, name: str, past: int, prefill: int, reps: int) -> dict:
               f"sum of launch times {ms.sum():.3f} ms", flush=True)
         for r in rows[:25]:
             print(f"  {r['kernel']:28s} x{r['count']:<5d} {r['total_ms']:8.3f} ms  {r['mean_us']:8.1f} us", flush=True)
-        if T == 1:
-            abl = res[label]["ablation"] = ablation(be, plan, 20)
+        if T == 1 and abl:
+            rows_a = res[label]["ablation"] = ablation(be, plan, 20)
             print("  -- graph time saved without each kernel (decode):", flush=True)
-            for r in abl:
+            for r in rows_a:
                 print(f"  {r['kernel']:28s} x{r['count']:<5d} {r['saved_ms']:8.3f} ms  {r['per_launch_us']:8.1f} us/launch",
                       flush=True)
         del plan
@@ -148,6 +149,52 @@ def matvec_table(be, reps: int, shapes=SHAPES) -> list[dict]:
     return rows
 
 
+def fa_table(be, n: int = 20) -> list[dict]:
+    """Flash attention alone: in-graph microseconds per launch (a graph of n copies of the launch) by shape,
+    next to an empty launch (a 16-byte copy) for the graph's own per-node cost."""
+    from hybridllm.backends.cupy_backend import CupyPlan
+    from hybridllm.ggml.types import GGMLType as T
+
+    rows = []
+    b = Builder(be)
+    a, c = b.leaf(T.I32, (4,)), b.leaf(T.I32, (4,))
+    b.op(GGMLOp.CPY, T.I32, (4,), [a, c], into=c)
+    base = be.prepare(b.nodes)
+    t0 = graph_ms(be, CupyPlan(be, base.launches * n, False), 10) / n
+    rows.append({"case": "empty launch", "us": 1e3 * t0})
+    print(f"  empty launch                                  {1e3 * t0:7.2f} us", flush=True)
+    b.free()
+    D, n_ctx = 128, 4096
+    for H, Hkv, n_kv, n_q in ((16, 8, 256, 1), (32, 8, 256, 1), (32, 4, 256, 1), (32, 8, 1024, 1), (32, 8, 4096, 1),
+                              (32, 8, 512, 512)):
+        b = Builder(be)
+        rng = np.random.default_rng(0)
+        q = b.leaf(T.F32, (D, H, n_q), rng.standard_normal((n_q, H, D)).astype(np.float32))
+        kc = b.leaf(T.F16, (D * Hkv, n_ctx), (rng.standard_normal((n_ctx, Hkv * D)) * 0.3).astype(np.float16))
+        vc = b.leaf(T.F16, (D * Hkv, n_ctx), (rng.standard_normal((n_ctx, Hkv * D)) * 0.3).astype(np.float16))
+        mask = np.zeros((n_q, n_kv), np.float16)
+        for i in range(n_q):
+            mask[i, n_kv - n_q + i + 1:] = -np.inf
+        m = b.leaf(T.F16, (n_kv, n_q), mask)
+        vq = b.view(q, (D, n_q, H, 1), (4, 4 * D * H, 4 * D, 4 * D * H * n_q), op=GGMLOp.PERMUTE)
+        vk = b.view(kc, (D, n_kv, Hkv, 1), (2, 2 * D * Hkv, 2 * D, 2 * D * Hkv * n_ctx), op=GGMLOp.PERMUTE)
+        vv = b.view(vc, (D, n_kv, Hkv, 1), (2, 2 * D * Hkv, 2 * D, 2 * D * Hkv * n_ctx), op=GGMLOp.PERMUTE)
+        b.op(GGMLOp.FLASH_ATTN_EXT, T.F32, (D, H, n_q, 1), [vq, vk, vv, m, None],
+             (float(1 / np.sqrt(D)), 0.0, 0.0, 10, 0))
+        for warps in (("8", "4", "2") if n_q == 1 else ("",)):
+            os.environ["HYBRIDLLM_FA_DECODE_WARPS"] = warps
+            plan = be.prepare(b.nodes)
+            reps = n if n_q == 1 else 3
+            t = graph_ms(be, CupyPlan(be, plan.launches * reps, False), 10) / reps
+            name = kernel_name(be, plan.launches[-1].fn)
+            rows.append({"case": f"H {H} Hkv {Hkv} n_kv {n_kv} n_q {n_q}", "kernel": name, "us": 1e3 * t})
+            print(f"  {name:16s} H {H:3d} Hkv {Hkv} n_kv {n_kv:5d} n_q {n_q:4d}  {1e3 * t:9.2f} us", flush=True)
+            del plan
+        os.environ.pop("HYBRIDLLM_FA_DECODE_WARPS", None)
+        b.free()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="qwen3-0.6b-q8_0,qwen3-8b-q4_k_m")
@@ -157,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-matvec", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--emu", action="store_true", help="smoke test on the CPU kernel emulator (small shapes)")
+    ap.add_argument("--fa", action="store_true", help="flash attention micro-benchmark")
+    ap.add_argument("--no-ablation", action="store_true")
     args = ap.parse_args(argv)
     from bench_gpu import make_backend
 
@@ -165,9 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_matvec:
         print("== decode matvec weight bandwidth", flush=True)
         res["matvec"] = matvec_table(be, args.reps, ((256, 64),) if args.emu else SHAPES)
+    if args.fa:
+        print("== flash attention alone (graph time per launch)", flush=True)
+        res["fa"] = fa_table(be, 2 if args.emu else 20)
     for name in args.models.split(","):
         if name:
-            res["models"][name] = profile_model(be, name, args.past, args.prefill, args.reps)
+            res["models"][name] = profile_model(be, name, args.past, args.prefill, args.reps, not args.no_ablation)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1) + "\n")
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU backend check on a lent CUDA machine: benchmarks, GPU tests, per-kernel profile; results go to $OUT.
+# GPU backend check on a lent CUDA machine: benchmarks, GPU tests, per-kernel profile, Nsight Compute counters
+# of three kernels; results go to $OUT.
 # Every step runs even when an earlier one fails; $OUT/summary.txt lists each step's exit code. The step
-# limits add up to about 400 s (one device command; see bench/RESULTS.md for what each run measured).
+# limits are upper bounds; on an H100 the whole script takes about 3-4 minutes (see bench/RESULTS.md).
 #
 #   device run (from the repo root, carry: [".whl"]):   bash bench/gpu_run.sh [bench args...]
 #
@@ -58,7 +59,16 @@ step tests_gpu 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" $XDIST
     --ignore=tests/gpu/test_gpu_worker_conformance.py tests/gpu
 
 step profile 90 python3 bench/gpu_profile.py --models qwen3-0.6b-q8_0,qwen3-8b-q4_k_m,qwen3-30b-a3b-q5_k_m \
-    --prefill 512 --json "$OUT/profile.json"
+    --prefill 512 --fa --json "$OUT/profile.json"
+
+# hardware counters of one launch each of the decode attention, the decode GLU matvec and a prefill tile kernel
+if command -v ncu > /dev/null; then
+    for k in k_fa_128_1_8 mmvq_glu_q4_K mul_mat_mma64_q4_K; do
+        step "ncu_$k" 60 ncu -k "regex:^$k\$" -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+            --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+            python3 bench/gpu_profile.py --no-matvec --no-ablation --models qwen3-8b-q4_k_m --prefill 512 --reps 1
+    done
+fi
 
 cat "$OUT/summary.txt"
 exit 0

@@ -46,6 +46,7 @@ CASES = {
     "long": dict(n_q=1, n_kv=300, H=2, Hkv=1, D=16),
     # several query blocks of the prefill kernel (8 queries each; the last partial), head 128: vector V loads
     "prefill-blocks": dict(n_q=19, n_kv=40, H=2, Hkv=1, D=128),
+    "decode-128": dict(n_q=1, n_kv=70, H=2, Hkv=1, D=128),
     "prefill-head256": dict(n_q=6, n_kv=20, H=1, Hkv=1, D=160),
 }
 

@@ -2,6 +2,8 @@
 one query for decode, 4 warps and 8 (4 above head size 128) queries for prefill."""
 from __future__ import annotations
 
+import os
+
 from ...ggml.tensor import Tensor
 from ...ggml.types import GGMLOp, GGMLType, type_name
 from . import register
@@ -43,6 +45,8 @@ def build_flash_attn(node: Tensor, ctx: BuildCtx):
     m0, m1, h2 = alibi(H, max_bias)
     maxd = next(m for m in (64, 128, 256, 512) if max(D, Dv) <= m)
     qb, nw = (1, 8) if n_q == 1 else {64: (8, 4), 128: (8, 4), 256: (4, 4), 512: (1, 4)}[maxd]
+    if n_q == 1 and maxd == 128 and os.environ.get("HYBRIDLLM_FA_DECODE_WARPS") in ("2", "4"):
+        nw = int(os.environ["HYBRIDLLM_FA_DECODE_WARPS"])  # measurement override (bench/gpu_profile.py --fa)
     vpl = maxd // ctx.warp
     # 16-byte loads of K rows when every row start is aligned (always so for an F16 cache, D % 8 == 0);
     # vector loads of each lane's V slice when those are aligned
