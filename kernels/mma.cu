@@ -77,12 +77,105 @@ HL_DEV void mma_16816(float* c, const u32* a, const u32* b) {
 #endif
 }
 
+// The 16 weights [16 g, 16 g + 16) of a row. Generic: two dequant8 calls; the common K-quants and Q8_0 read
+// their 16 quants (and the super-block header) with one or two wide loads instead of ~8 narrow loads per 8
+// weights, which bound the tile loop on the load/store unit.
+template <class T>
+struct Dequant16 {
+    static HL_DEV void run(const u8* row, int g, float* y, int K) {
+        T::dequant8(row, 2 * g, y, K);
+        T::dequant8(row, 2 * g + 1, y + 8, K);
+    }
+};
+
+// Q4_K/Q5_K: sub-block j = 2p + hi of a super-block; its scale and min from the 16-byte header.
+HL_DEV void kq_sub_scale(uint4 h, int j, float* dl, float* ml) {
+    const float d = f16_to_f32((u16)(h.x & 0xffffu)), dmin = f16_to_f32((u16)(h.x >> 16));
+    const u32 sc12[3] = {h.y, h.z, h.w};
+    auto byte = [&](int i) -> int { return (int)((i < 4 ? sc12[0] : (i < 8 ? sc12[1] : sc12[2])) >> (8 * (i & 3))) & 0xff; };
+    int sc, m;
+    if (j < 4) {
+        sc = byte(j) & 63;
+        m = byte(j + 4) & 63;
+    } else {
+        sc = (byte(j + 4) & 0xF) | ((byte(j - 4) >> 6) << 4);
+        m = (byte(j + 4) >> 4) | ((byte(j) >> 6) << 4);
+    }
+    *dl = d * i2f(sc);
+    *ml = dmin * i2f(m);
+}
+
+template <>
+struct Dequant16<q4_K> {
+    static HL_DEV void run(const u8* row, int g, float* y, int) {
+        const u8* b = row + (g >> 4) * 144;
+        const int l0 = (g & 15) * 16, p = l0 >> 6, hi = (l0 >> 5) & 1;  // chunk of 64, nibble
+        float dl, ml;
+        kq_sub_scale(*(const uint4*)b, 2 * p + hi, &dl, &ml);
+        const uint4 q = *(const uint4*)(b + 16 + 32 * p + (l0 & 31));
+        const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < 16; i++) y[i] = dl * i2f((w[i >> 2] >> (8 * (i & 3) + 4 * hi)) & 15) - ml;
+    }
+};
+
+template <>
+struct Dequant16<q5_K> {
+    static HL_DEV void run(const u8* row, int g, float* y, int) {
+        const u8* b = row + (g >> 4) * 176;
+        const int l0 = (g & 15) * 16, p = l0 >> 6, hi = (l0 >> 5) & 1;
+        float dl, ml;
+        kq_sub_scale(*(const uint4*)b, 2 * p + hi, &dl, &ml);
+        const uint4 q = *(const uint4*)(b + 48 + 32 * p + (l0 & 31));
+        const uint4 h = *(const uint4*)(b + 16 + (l0 & 31));
+        const u32 w[4] = {q.x, q.y, q.z, q.w}, hb[4] = {h.x, h.y, h.z, h.w};
+        const int bit = 2 * p + hi;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            const int sh = 8 * (i & 3);
+            const int v = ((w[i >> 2] >> (sh + 4 * hi)) & 15) | (((hb[i >> 2] >> (sh + bit)) & 1) << 4);
+            y[i] = dl * i2f(v) - ml;
+        }
+    }
+};
+
+template <>
+struct Dequant16<q6_K> {
+    static HL_DEV void run(const u8* row, int g, float* y, int) {
+        const u8* b = row + (g >> 4) * 210;
+        const int e0 = (g & 15) * 16, h = e0 >> 7, q = (e0 >> 5) & 3, l = e0 & 31;  // half, quarter, offset
+        u32 ql[4], qh[4];
+        ld_words_a2<4>(b + 64 * h + 32 * (q & 1) + l, ql);
+        ld_words_a2<4>(b + 128 + 32 * h + l, qh);
+        const float dl = ld_f16(b + 208) * i2f((i8)b[192 + 8 * h + (l >> 4) + 2 * q]);
+        const int sl = 4 * (q >> 1), sq = 2 * q;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            const int sh = 8 * (i & 3);
+            const int v = ((ql[i >> 2] >> (sh + sl)) & 15) | (((qh[i >> 2] >> (sh + sq)) & 3) << 4);
+            y[i] = dl * i2f(v - 32);
+        }
+    }
+};
+
+template <>
+struct Dequant16<q8_0> {
+    static HL_DEV void run(const u8* row, int g, float* y, int) {
+        const u8* b = row + (g >> 1) * 34;
+        u32 w[4];
+        ld_words_a2<4>(b + 2 + 16 * (g & 1), w);
+        const float d = ld_f16(b);
+#pragma unroll
+        for (int i = 0; i < 16; i++) y[i] = i2f((i8)(w[i >> 2] >> (8 * (i & 3)))) * d;
+    }
+};
+
 // One k-slice of the tile in registers: A groups (8 weights each) and B groups (8 activations each).
 template <int BN>
 struct MmaStage {
     static constexpr int AG = MMA_BM * MMA_BK / 8 / 256, BG = BN * MMA_BK / 8 / 256;
-    float a[AG][8];
-    uint4 b[BG];  // 8 f16 activations
+    float a[AG * 8];  // 16 consecutive weights
+    uint4 b[BG];      // 8 f16 activations
 };
 
 // Row pointers a thread loads from: A rows tid / 2 (groups 2 (tid & 1) + {0, 1}), B rows (g >> 2) for its
@@ -90,13 +183,13 @@ struct MmaStage {
 template <class T, int BN>
 HL_DEV void mma_load(MmaStage<BN>& st, const u8* arow, const u16* const* bcols, int k0, int K, int K8) {
     const int tid = threadIdx.x;
+    static_assert(MmaStage<BN>::AG == 2, "a thread loads 16 consecutive weights");
+    const int e0 = k0 + 16 * (tid & 1);
+    if (arow && e0 < K) {
+        Dequant16<T>::run(arow, e0 / 16, st.a, K);
+    } else {
 #pragma unroll
-    for (int i = 0; i < MmaStage<BN>::AG; i++) {
-        const int e0 = k0 + 8 * (2 * (tid & 1) + i);
-        if (arow && e0 < K) T::dequant8(arow, e0 / 8, st.a[i], K);
-        else
-#pragma unroll
-            for (int j = 0; j < 8; j++) st.a[i][j] = 0.0f;
+        for (int j = 0; j < 16; j++) st.a[j] = 0.0f;
     }
 #pragma unroll
     for (int i = 0; i < MmaStage<BN>::BG; i++) {
@@ -110,7 +203,7 @@ HL_DEV void mma_store(const MmaStage<BN>& st, u16* As, u16* Bs) {
     const int tid = threadIdx.x;
 #pragma unroll
     for (int i = 0; i < MmaStage<BN>::AG; i++) {
-        const float* w = st.a[i];
+        const float* w = st.a + 8 * i;
         *(uint4*)(As + (tid >> 1) * MMA_LDS + 8 * (2 * (tid & 1) + i)) =
             make_uint4(pack_f16x2(w[0], w[1]), pack_f16x2(w[2], w[3]), pack_f16x2(w[4], w[5]), pack_f16x2(w[6], w[7]));
     }

@@ -96,8 +96,8 @@ def test_mul_mat_vec(gpu, qtype, rng):
     mul_mat_case(gpu, qtype, K=512, M=37, N=1, batch=(1, 2), rng=rng)
 
 
-@pytest.mark.parametrize("qtype", [GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K],
-                         ids=lambda t: TRAITS[t].name)
+@pytest.mark.parametrize("qtype", [GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q5_K,
+                                   GGMLType.Q6_K], ids=lambda t: TRAITS[t].name)
 @pytest.mark.parametrize("N", [5, 70])
 def test_mul_mat_batched(gpu, qtype, N, rng):
     K = 100 if TRAITS[qtype].blck_size == 1 else 256  # plain types: a K that ends mid-group and mid-tile
@@ -172,3 +172,9 @@ def test_mul_mat_shared_input_prefill(gpu, rng):
     g = Graph(gpu)
     build(g)
     assert len(gpu.prepare(g.nodes).launches) == (2 if tensor_cores(gpu) else 3)  # f16 copy of src1 + one launch
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0], ids=lambda t: TRAITS[t].name)
+def test_mul_mat_prefill_rows_2_aligned(gpu, qtype, rng):
+    """Prefill tiles on K = 768: Q6_K super-blocks and Q8_0 blocks that start 2 bytes past a word."""
+    mul_mat_case(gpu, qtype, K=768, M=9, N=12, batch=(1, 1), rng=rng)
