@@ -118,7 +118,8 @@ class Weights:
             flat = t.buffer.array[t.offset:t.offset + t.nbytes]
             step = 1 << 26
             for lo in range(0, t.nbytes, step):
-                h = cp.arange(lo, min(lo + step, t.nbytes), dtype=cp.uint32) + cp.uint32(self.seed * 0x9E3779B9 & 0xFFFFFFFF)
+                salt = cp.uint32(self.seed * 0x9E3779B9 & 0xFFFFFFFF)
+                h = cp.arange(lo, min(lo + step, t.nbytes), dtype=cp.uint32) + salt
                 h *= cp.uint32(0x85EBCA6B)
                 h ^= h >> cp.uint32(13)
                 h *= cp.uint32(0xC2B2AE35)
@@ -202,7 +203,8 @@ class Weightset:
                 L[k] = self.b.leaf(t[k], ne, name=f"blk.{il}.attn_{k}")
             if m.n_expert:
                 L["router"] = self.b.leaf(F32, (E, m.n_expert), name=f"blk.{il}.ffn_gate_inp")
-                for k, ne in (("gate", (E, FF, m.n_expert)), ("up", (E, FF, m.n_expert)), ("down", (FF, E, m.n_expert))):
+                nx = m.n_expert
+                for k, ne in (("gate", (E, FF, nx)), ("up", (E, FF, nx)), ("down", (FF, E, nx))):
                     L[k] = self.b.leaf(t[k], ne, name=f"blk.{il}.ffn_{k}_exps")
             else:
                 for k, ne in (("gate", (E, FF)), ("up", (E, FF)), ("down", (FF, E))):
@@ -259,7 +261,8 @@ def build_graph(be: Any, m: Model, ws: Weightset, n_tokens: int, n_past: int, n_
         qr = b.op(GGMLOp.ROPE, F32, (D, H, T), [q3, pos], rope)
         k = b.op(GGMLOp.MUL_MAT, F32, (Hkv * D, T), [L["k"], h])
         k3 = b.view(k, (D, Hkv, T, 1), _contig((D, Hkv, T)), op=GGMLOp.RESHAPE)
-        k3 = b.op(GGMLOp.MUL, F32, (D, Hkv, T), [b.op(GGMLOp.RMS_NORM, F32, (D, Hkv, T), [k3], (1e-6,)), L["k_norm"]])
+        k3 = b.op(GGMLOp.MUL, F32, (D, Hkv, T),
+                  [b.op(GGMLOp.RMS_NORM, F32, (D, Hkv, T), [k3], (1e-6,)), L["k_norm"]])
         kr = b.op(GGMLOp.ROPE, F32, (D, Hkv, T), [k3, pos], rope)
         kr2 = b.view(kr, (Hkv * D, T, 1, 1), _contig((Hkv * D, T)), op=GGMLOp.RESHAPE)
         b.op(GGMLOp.SET_ROWS, F16, (Hkv * D, n_ctx), [kr2, kv_idx, kc], into=kc)

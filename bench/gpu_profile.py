@@ -114,8 +114,8 @@ def profile_model(be, name: str, past: int, prefill: int, reps: int, abl: bool =
             rows_a = res[label]["ablation"] = ablation(be, plan, 20)
             print("  -- graph time saved without each kernel (decode):", flush=True)
             for r in rows_a:
-                print(f"  {r['kernel']:28s} x{r['count']:<5d} {r['saved_ms']:8.3f} ms  {r['per_launch_us']:8.1f} us/launch",
-                      flush=True)
+                print(f"  {r['kernel']:28s} x{r['count']:<5d} {r['saved_ms']:8.3f} ms  "
+                      f"{r['per_launch_us']:8.1f} us/launch", flush=True)
         del plan
         b.free()
     ws.free()
