@@ -73,6 +73,10 @@ class Qwen3(Model):
                 cur, inp_sa = ops.get_rows(cur, out_ids), ops.get_rows(inp_sa, out_ids)
             ffn_inp = ctx.cb(ops.add(cur, inp_sa), "ffn_inp", il)
             cur = ctx.cb(ctx.norm(ffn_inp, W[p + "ffn_norm.weight"], il), "ffn_norm", il)
-            cur = ctx.cb(ctx.ffn(cur, il, "silu"), "ffn_out", il)
+            cur = self.ffn(ctx, cur, il)
             inp = ctx.cb(ops.add(cur, ffn_inp), "l_out", il)
         return ctx.output(inp)
+
+    def ffn(self, ctx: GraphContext, cur: Tensor, il: int) -> Tensor:
+        """The layer's feed-forward block (qwen3moe swaps in its experts; the rest of the layer is shared)."""
+        return ctx.cb(ctx.ffn(cur, il, "silu"), "ffn_out", il)

@@ -8,20 +8,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine.gguf_file import GGUFFile
-from ..ggml import ops
 from ..ggml.tensor import Tensor
 from ..ggml.types import RopeMode
 from .blocks import (
     GraphContext,
     HParams,
     MetaReader,
-    Model,
     ModelError,
     TensorSpec,
     std_io_specs,
     std_layer_specs,
 )
-from .qwen3 import qk_normed_attention
+from .qwen3 import Qwen3
 
 
 @dataclass(kw_only=True)
@@ -45,7 +43,7 @@ class Qwen3MoeHParams(HParams):
         return hp
 
 
-class Qwen3Moe(Model):
+class Qwen3Moe(Qwen3):
     arch = "qwen3moe"
     hparams_cls = Qwen3MoeHParams
     hp: Qwen3MoeHParams
@@ -63,21 +61,6 @@ class Qwen3Moe(Model):
                       TensorSpec(p + "ffn_up_exps.weight", (E, FE, X))]
         return specs
 
-    def build(self, ctx: GraphContext) -> Tensor:
-        hp, W = self.hp, self.weights
-        inp = ctx.inp_embd(W["token_embd.weight"])
-        pos = ctx.inp_pos()
-        ctx.inp_attn()
-        out_ids = ctx.inp_out_ids()
-        for il in range(hp.n_layer):
-            p = f"blk.{il}."
-            inp_sa = inp
-            cur = ctx.cb(ctx.norm(inp, W[p + "attn_norm.weight"], il), "attn_norm", il)
-            cur = qk_normed_attention(self, ctx, il, cur, pos)
-            if il == hp.n_layer - 1:
-                cur, inp_sa = ops.get_rows(cur, out_ids), ops.get_rows(inp_sa, out_ids)
-            ffn_inp = ctx.cb(ops.add(cur, inp_sa), "ffn_inp", il)
-            cur = ctx.cb(ctx.norm(ffn_inp, W[p + "ffn_norm.weight"], il), "ffn_norm", il)
-            cur = ctx.moe_ffn(cur, il, hp.n_expert, hp.n_expert_used, norm_w=True, w_scale=0.0)
-            inp = ctx.cb(ops.add(cur, ffn_inp), "l_out", il)
-        return ctx.output(inp)
+    def ffn(self, ctx: GraphContext, cur: Tensor, il: int) -> Tensor:
+        hp = self.hp
+        return ctx.moe_ffn(cur, il, hp.n_expert, hp.n_expert_used, norm_w=True, w_scale=0.0)
