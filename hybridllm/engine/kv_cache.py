@@ -1,4 +1,4 @@
-"""The KV cache, laid out and addressed like llama.cpp's (llama-kv-cache.cpp), for one sequence.
+"""The KV cache, laid out and addressed like llama.cpp's unified cache (llama-kv-cache.cpp, llama-kv-cells.h).
 
 Each attention layer owns a K and a V tensor of shape (n_embd_k_gqa, kv_size) in one backend buffer
 (F16 by default). A ubatch's K/V rows are written by SET_ROWS nodes at cell indices passed as I64 inputs
@@ -8,8 +8,19 @@ cells, future positions and, in a sliding-window cache, positions older than the
 untransposed for flash attention; without it (`v_trans`) V is stored transposed, one element per index,
 as llama.cpp does so that KQ*V needs no copy.
 
-Placement: the full cache puts position p in cell p; a sliding-window cache is a ring (cell p mod size),
-sized n_swa + n_ubatch rounded up to 256 so that a ubatch never overwrites a cell still in its window.
+Cells: each cell holds (position, sequence id) or is empty. Several sequences (server slots) share the
+cells: a sequence takes cells as its tokens are written and gives them back when it is removed or rewound
+(`seq_rm`), so one sequence may use the whole cache while the others are idle. The mask lets token t of
+sequence s see cell j only if j belongs to s and pos_j <= pos_t (and, in a sliding-window cache, is within
+the window).
+
+Placement: a sequence's next tokens take the free cells that follow the cell of its last position,
+wrapping around. A lone sequence therefore gets position p in cell p, or in a sliding-window cache (a
+ring) cell p mod size -- what llama.cpp chooses for one sequence -- and with several sequences each one's
+cells stay in position order. A sliding-window cell also counts as free once no future token of its
+sequence can see it (llama.cpp's find_slot does the same), and the ring is sized n_swa * n_seq + n_ubatch
+rounded up to 256, so that every sequence keeps its window and a ubatch never overwrites a cell still in a
+window.
 """
 from __future__ import annotations
 
@@ -53,7 +64,7 @@ class LayerKV:
 
 
 class KVCache:
-    """K/V tensors for a set of layers, and which position each cell holds (-1 = empty)."""
+    """K/V tensors for a set of layers, and which (position, sequence) each cell holds (-1 = empty)."""
 
     def __init__(self, backend: Backend, layers: Sequence[LayerKV], size: int, *,
                  type_k: GGMLType = GGMLType.F16, type_v: GGMLType = GGMLType.F16,
@@ -86,6 +97,7 @@ class KVCache:
             self.free()
             raise
         self.pos = np.full(size, -1, dtype=np.int64)
+        self.seq = np.full(size, -1, dtype=np.int32)
 
     def _alloc(self, key: int) -> None:
         dev, entries, total = self.layout[key]
@@ -113,7 +125,7 @@ class KVCache:
 
     # --- cell bookkeeping ----------------------------------------------------------------------
     def cells_for(self, positions: np.ndarray) -> np.ndarray:
-        """Cell index of each position of a ubatch (no state change)."""
+        """The cell a lone sequence puts each position in (no state change): p, or p mod size in a ring."""
         if self.n_swa:
             return positions % self.size
         if positions.size and int(positions.max()) >= self.size:
@@ -121,8 +133,42 @@ class KVCache:
                                   f"{self.size} cells (use a larger --ctx)")
         return positions.astype(np.int64)
 
-    def apply(self, positions: np.ndarray, cells: np.ndarray) -> None:
+    def find_cells(self, seq_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Cells for a ubatch's tokens (no state change). Each sequence continues after the cell of its
+        last position (a new one at its own cell, `cells_for`) with the next free cells, wrapping around:
+        a lone sequence so gets exactly `cells_for`, and each sequence's cells stay in position order
+        (attention sums them in cell order). ContextOverflow when there are not enough free cells."""
+        usable = self._usable()
+        out = np.empty(positions.size, dtype=np.int64)
+        for s in dict.fromkeys(seq_ids.tolist()):
+            rows = np.flatnonzero(seq_ids == s)
+            mine = np.flatnonzero(self.seq == s)
+            start = (int(mine[np.argmax(self.pos[mine])]) + 1 if mine.size
+                     else int(positions[rows[0]]) % self.size)
+            free = np.flatnonzero(usable)
+            if free.size < rows.size:
+                raise ContextOverflow(f"the KV cache is full: {rows.size} cells needed, {free.size} free of "
+                                      f"{self.size} (use a larger --ctx)")
+            k = int(np.searchsorted(free, start))
+            cells = np.concatenate([free[k:k + rows.size], free[:max(0, rows.size - (free.size - k))]])
+            out[rows] = cells
+            usable[cells] = False
+        return out
+
+    def _usable(self) -> np.ndarray:
+        """Cells a new token may take: empty ones, and in a sliding-window cache those that no future token
+        of their sequence can see (position <= next position - n_swa)."""
+        usable = self.pos < 0
+        if self.n_swa:
+            for s in np.unique(self.seq[~usable]):
+                mine = self.seq == s
+                nxt = int(self.pos[mine].max()) + 1
+                usable |= mine & (self.pos <= nxt - self.n_swa)
+        return usable
+
+    def apply(self, positions: np.ndarray, cells: np.ndarray, seq_ids: np.ndarray | int = 0) -> None:
         self.pos[cells] = positions
+        self.seq[cells] = seq_ids
 
     def n_kv(self) -> int:
         """Cells attention looks at: used cells rounded up to 256, at least 256, at most the size."""
@@ -130,27 +176,43 @@ class KVCache:
         used_max_p1 = int(used[-1]) + 1 if used.size else 0
         return min(self.size, max(KV_PAD, pad(used_max_p1)))
 
+    def n_free(self) -> int:
+        """Empty cells (a sliding-window cache may reuse more: see find_cells)."""
+        return int(np.count_nonzero(self.pos < 0))
+
     def clear(self) -> None:
         self.pos[:] = -1
+        self.seq[:] = -1
 
-    def seq_rm(self, p0: int) -> bool:
-        """Forget positions >= p0. False if a sliding-window ring already overwrote cells still needed."""
-        if self.n_swa and (self.pos >= 0).any():
-            newest = int(self.pos.max())
-            if newest >= p0 and newest - self.size >= p0 - self.n_swa:
+    def seq_rm(self, p0: int, seq: int = 0) -> bool:
+        """Forget positions >= p0 of a sequence. False (nothing changed) if a sliding-window cache no longer
+        holds the n_swa positions before p0 that the next tokens need (llama-server's reuse test)."""
+        mine = self.seq == seq
+        drop = mine & (self.pos >= p0)
+        if self.n_swa and p0 > 0 and drop.any():
+            lo = max(0, p0 - self.n_swa)
+            if np.count_nonzero(mine & (self.pos >= lo) & (self.pos < p0)) < p0 - lo:
                 return False
-        self.pos[self.pos >= p0] = -1
+        self.pos[drop] = -1
+        self.seq[drop] = -1
         return True
 
-    def max_pos(self) -> int:
-        return int(self.pos.max())
+    def max_pos(self, seq: int | None = None) -> int:
+        """Largest position held (by one sequence, or any); -1 when none."""
+        if seq is None:
+            return int(self.pos.max())
+        mine = self.pos[self.seq == seq]
+        return int(mine.max()) if mine.size else -1
 
     # --- inputs --------------------------------------------------------------------------------
-    def kq_mask(self, n_kv: int, positions: np.ndarray) -> np.ndarray:
-        """F16 (n_tokens, n_kv) mask: 0 where token t may attend cell j, -inf elsewhere."""
+    def kq_mask(self, n_kv: int, positions: np.ndarray, seq_ids: np.ndarray | None = None) -> np.ndarray:
+        """F16 (n_tokens, n_kv) mask: 0 where token t may attend cell j, -inf elsewhere. Without seq_ids
+        every token and cell is taken to be of one sequence."""
         cell_pos = self.pos[:n_kv][None, :]
         tok_pos = positions.astype(np.int64)[:, None]
         keep = (cell_pos >= 0) & (cell_pos <= tok_pos)
+        if seq_ids is not None:
+            keep &= self.seq[:n_kv][None, :] == np.asarray(seq_ids)[:, None]
         if self.n_swa:
             keep &= (tok_pos - cell_pos) < self.n_swa
         return np.where(keep, np.float16(0.0), np.float16(-np.inf))

@@ -9,6 +9,12 @@ re-runs the same graph until the KV view grows by another 256 cells, as llama.cp
     logits = runner.decode(prompt_ids)        # (1, n_vocab) for the last token
     logits = runner.decode([next_id])
     text = runner.generate("The capital of France is", n_predict=16)
+
+Several sequences (n_seq_max > 1) share one KV cache; `decode_batch()` evaluates one ubatch holding tokens
+of several of them (continuous batching, as llama-server does for its slots):
+
+    runner = load("model.gguf", n_ctx=4096, n_seq_max=2)
+    a, b = runner.decode_batch([0, 1], [prompt_a, prompt_b])   # each sequence's last-token logits
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ class RunnerConfig:
     type_v: GGMLType = GGMLType.F16
     flash_attn: bool = True
     max_graphs: int = 4      # prepared graphs kept (prompt shapes + the decode shape)
+    n_seq_max: int = 1       # sequences sharing the KV cache (server slots)
 
 
 @dataclass
@@ -72,6 +79,7 @@ class Stats:
     graphs_built: int = 0
     ubatches: int = 0
     tokens: int = 0
+    ubatches_multi_seq: int = 0   # ubatches that held tokens of more than one sequence
     per_key: dict = field(default_factory=dict)
 
 
@@ -94,10 +102,12 @@ class ModelRunner:
         self.metadata = metadata or {}
         if self.config.n_ctx <= 0 or self.config.n_ubatch <= 0:
             raise EngineError("context and ubatch sizes must be positive")
+        if self.config.n_seq_max <= 0:
+            raise EngineError("n_seq_max must be positive")
         self.kv = model.make_kv(self.config.n_ctx, self.config.n_ubatch, self.config.type_k, self.config.type_v,
-                                v_trans=not self.config.flash_attn)
+                                v_trans=not self.config.flash_attn, n_seq=self.config.n_seq_max)
         self.n_ctx = self.kv.base.size
-        self.n_past = 0
+        self._n_past = [0] * self.config.n_seq_max   # next position of each sequence
         self._graphs: OrderedDict[tuple, _Prepared] = OrderedDict()
         self._tokenizer = None
         self.stats = Stats()
@@ -108,20 +118,19 @@ class ModelRunner:
     def n_vocab(self) -> int:
         return self.hp.n_vocab
 
+    @property
+    def n_past(self) -> int:
+        """Tokens of sequence 0 in the cache (the sequence `decode()` extends)."""
+        return self._n_past[0]
+
+    def seq_n_past(self, seq: int) -> int:
+        return self._n_past[seq]
+
     def decode(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
-        """Evaluate `tokens` at positions n_past.. and return float32 logits: the last token's row
-        (shape (1, n_vocab)), or every token's (len(tokens), n_vocab) with all_logits."""
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise ValueError("decode() needs at least one token")
-        if ids.min() < 0 or ids.max() >= self.n_vocab:
-            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
-        if self.n_past + ids.size > self.n_ctx:
-            raise ContextOverflow(f"context overflow: {self.n_past} + {ids.size} tokens exceed the "
-                                  f"context of {self.n_ctx} (use a larger --ctx)")
-        if self.lost is not None:
-            raise DeviceLost(f"{self.lost} (degraded: recover() once the worker is back)")
+        """Evaluate `tokens` of sequence 0 at positions n_past.. and return float32 logits: the last
+        token's row (shape (1, n_vocab)), or every token's (len(tokens), n_vocab) with all_logits."""
+        ids = self._check_ids(tokens)
+        self._check_room(0, ids.size)
         outs = []
         step = self.config.n_ubatch
         for s in range(0, ids.size, step):
@@ -129,10 +138,54 @@ class ModelRunner:
             last = s + step >= ids.size
             out_rows = np.arange(chunk.size, dtype=np.int32) if all_logits else (
                 np.array([chunk.size - 1], dtype=np.int32) if last else np.zeros(0, dtype=np.int32))
-            logits = self._ubatch(chunk, out_rows)
+            logits = self._ubatch(chunk, np.zeros(chunk.size, dtype=np.int32), out_rows)
             if out_rows.size:
                 outs.append(logits)
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def decode_batch(self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]],
+                     outputs: Sequence[bool] | None = None) -> list[np.ndarray | None]:
+        """One ubatch with tokens of several sequences: `tokens[i]` extends sequence `seq_ids[i]` at its
+        next positions. Returns, per entry, its last token's logits (n_vocab,) or None where `outputs[i]`
+        is False. At most n_ubatch tokens in all; a sequence appears once. Raises ContextOverflow (nothing
+        changed) when a sequence passes n_ctx or the cache has too few free cells."""
+        outputs = [True] * len(seq_ids) if outputs is None else list(outputs)
+        if not (len(seq_ids) == len(tokens) == len(outputs)) or not seq_ids:
+            raise ValueError("decode_batch() needs one token list and output flag per sequence")
+        if len(set(seq_ids)) != len(seq_ids) or not all(0 <= s < self.config.n_seq_max for s in seq_ids):
+            raise ValueError(f"sequence ids must be distinct and in 0..{self.config.n_seq_max - 1}: {list(seq_ids)}")
+        ids = [self._check_ids(t) for t in tokens]
+        n = sum(t.size for t in ids)
+        if n > self.config.n_ubatch:
+            raise ValueError(f"decode_batch(): {n} tokens exceed the ubatch of {self.config.n_ubatch}")
+        for s, t in zip(seq_ids, ids):
+            self._check_room(s, t.size)
+        seqs = np.concatenate([np.full(t.size, s, dtype=np.int32) for s, t in zip(seq_ids, ids)])
+        ends = np.cumsum([t.size for t in ids]) - 1
+        out_rows = ends[np.asarray(outputs, dtype=bool)].astype(np.int32)
+        logits = self._ubatch(np.concatenate(ids), seqs, out_rows)
+        rows = iter(logits)
+        return [next(rows) if want else None for want in outputs]
+
+    def _check_ids(self, tokens: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("decode() needs at least one token")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+        return ids
+
+    def _check_room(self, seq: int, n: int) -> None:
+        if self._n_past[seq] + n > self.n_ctx:
+            raise ContextOverflow(f"context overflow: {self._n_past[seq]} + {n} tokens exceed the "
+                                  f"context of {self.n_ctx} (use a larger --ctx)")
+        if self.lost is not None:
+            raise DeviceLost(f"{self.lost} (degraded: recover() once the worker is back)")
+
+    def n_free_cells(self) -> int:
+        """Cells of the full cache no sequence holds: how many more tokens fit (all sequences together)."""
+        return self.kv.base.n_free()
 
     @property
     def tokenizer(self):  # type: ignore[no-untyped-def]
@@ -166,21 +219,31 @@ class ModelRunner:
         return tok.detokenize(out).decode("utf-8", errors="replace")
 
     def reset(self) -> None:
-        """Forget the sequence (the cache contents stay; their cells are marked empty)."""
+        """Forget every sequence (the cache contents stay; their cells are marked empty)."""
         for cache in self.kv.caches:
             cache.clear()
-        self.n_past = 0
+        self._n_past = [0] * self.config.n_seq_max
 
     def rewind(self, n_past: int) -> bool:
-        """Keep only the first n_past positions; False (and a reset) if the SWA ring cannot go back."""
-        if n_past >= self.n_past:
+        """Keep only the first n_past positions of sequence 0 (see seq_rm)."""
+        return self.seq_rm(0, n_past)
+
+    def seq_rm(self, seq: int, n_past: int) -> bool:
+        """Keep only the first n_past positions of a sequence, freeing its other cells; False (and the
+        sequence emptied) if the sliding-window cache no longer holds what its next token must see."""
+        if n_past >= self._n_past[seq]:
             return True
-        ok = all(cache.seq_rm(n_past) for cache in self.kv.caches)
-        if not ok:
-            self.reset()
+        if not all(cache.seq_rm(n_past, seq) for cache in self.kv.caches):
+            self.seq_clear(seq)
             return False
-        self.n_past = n_past
+        self._n_past[seq] = n_past
         return True
+
+    def seq_clear(self, seq: int) -> None:
+        """Forget a sequence: its cells become free for the others."""
+        for cache in self.kv.caches:
+            cache.seq_rm(0, seq)
+        self._n_past[seq] = 0
 
     def close(self) -> None:
         self.drop_graphs()
@@ -242,19 +305,22 @@ class ModelRunner:
         return DeviceLost(self.lost)
 
     # --- one ubatch ------------------------------------------------------------------------------
-    def _ubatch(self, tokens: np.ndarray, out_rows: np.ndarray) -> np.ndarray:
+    def _ubatch(self, tokens: np.ndarray, seqs: np.ndarray, out_rows: np.ndarray) -> np.ndarray:
+        """Evaluate one ubatch: tokens[i] of sequence seqs[i] (each sequence's tokens in order, appended
+        at its next positions); returns the logits rows `out_rows`."""
         t0 = time.perf_counter()
         n = tokens.size
-        positions = np.arange(self.n_past, self.n_past + n, dtype=np.int64)
-        cells = [cache.cells_for(positions) for cache in self.kv.caches]  # may raise before any change
+        positions = self._positions(seqs)
+        cells = [cache.find_cells(seqs, positions) for cache in self.kv.caches]  # may raise before any change
         for cache, c in zip(self.kv.caches, cells):
-            cache.apply(positions, c)
+            cache.apply(positions, c, seqs)
         n_kv = tuple(cache.n_kv() for cache in self.kv.caches)
         n_out = max(int(out_rows.size), 1)  # a graph always produces one row; unused when none asked
         try:
             prep = self._prepared((n, n_out, n_kv))
             t1 = time.perf_counter()
-            self._set_inputs(prep, tokens, positions, cells, out_rows if out_rows.size else np.array([n - 1]))
+            self._set_inputs(prep, tokens, seqs, positions, cells,
+                             out_rows if out_rows.size else np.array([n - 1]))
             t2 = time.perf_counter()
             prep.plan.run()  # type: ignore[attr-defined]
             t3 = time.perf_counter()
@@ -265,7 +331,8 @@ class ModelRunner:
             raise self._device_failed(exc) from None
         logits = np.frombuffer(raw, dtype=np.float32).reshape(n_out, self.n_vocab)
         t4 = time.perf_counter()
-        self.n_past += n
+        for s, count in zip(*np.unique(seqs, return_counts=True)):
+            self._n_past[int(s)] += int(count)
         st = self.stats
         st.build_s += t1 - t0
         st.inputs_s += t2 - t1
@@ -273,7 +340,19 @@ class ModelRunner:
         st.read_s += t4 - t3
         st.ubatches += 1
         st.tokens += n
+        st.ubatches_multi_seq += bool(seqs.size and seqs.min() != seqs.max())
         return logits[:out_rows.size] if out_rows.size else logits[:0]
+
+    def _positions(self, seqs: np.ndarray) -> np.ndarray:
+        """Each token's position: its sequence's next one, counting earlier tokens of the ubatch."""
+        out = np.empty(seqs.size, dtype=np.int64)
+        nxt = dict.fromkeys(seqs.tolist(), 0)
+        for s in nxt:
+            nxt[s] = self._n_past[s]
+        for i, s in enumerate(seqs.tolist()):
+            out[i] = nxt[s]
+            nxt[s] += 1
+        return out
 
     def _prepared(self, key: tuple) -> _Prepared:
         prep = self._graphs.get(key)
@@ -299,7 +378,7 @@ class ModelRunner:
         self.stats.graphs_built += 1
         return prep
 
-    def _set_inputs(self, prep: _Prepared, tokens: np.ndarray, positions: np.ndarray,
+    def _set_inputs(self, prep: _Prepared, tokens: np.ndarray, seqs: np.ndarray, positions: np.ndarray,
                     cells: list[np.ndarray], out_rows: np.ndarray) -> None:
         ctx, sched = prep.ctx, prep.compute
 
@@ -320,7 +399,7 @@ class ModelRunner:
             idx = cells_of[id(a.cache)].astype(np.int64)
             put(a.k_idxs, idx)
             put(a.v_idxs, a.cache.v_idxs(idx))
-            mask = a.cache.kq_mask(a.n_kv, positions)
+            mask = a.cache.kq_mask(a.n_kv, positions, seqs)
             put(a.kq_mask, mask if ctx.flash_attn else mask.astype(np.float32))
 
 
@@ -331,7 +410,7 @@ def _span(items: list[int]) -> str:
 def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, n_ubatch: int = 512,
          type_k: GGMLType = GGMLType.F16, type_v: GGMLType = GGMLType.F16, flash_attn: bool = True,
          rpc: Sequence[str | Backend] = (), tensor_split: Sequence[float] | None = None,
-         rpc_timeout: float | None = 300.0, kv_slots: int = 1, progress: bool = False,
+         rpc_timeout: float | None = 300.0, kv_slots: int = 1, n_seq_max: int = 1, progress: bool = False,
          log: Callable[[str], None] | None = None) -> ModelRunner:
     """Open a GGUF model, upload its weights to the device(s) and return a ready ModelRunner.
 
@@ -340,7 +419,8 @@ def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, 
     (the master, which also keeps the input and output layers) by free memory or `tensor_split`
     (one proportion per device, in that order); `log` gets the placement table. `rpc_timeout` bounds
     each wait for a worker's reply (a hung worker fails the step after it); `kv_slots` counts the KV
-    caches the caller will create over these weights (server slots) in the placement's budget.
+    caches the caller will create over these weights in the placement's budget; `n_seq_max` sequences
+    share the runner's one cache (decode_batch).
 
     Raises GGUFError/ModelError (one line) for files that cannot be used, PlacementError when the model
     does not fit (before anything is uploaded), RpcError when a worker cannot be reached.
@@ -367,7 +447,8 @@ def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, 
             b.close()  # type: ignore[attr-defined]
         raise
     model.owned = owned
-    config = RunnerConfig(n_ctx=n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
+    config = RunnerConfig(n_ctx=n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+                          n_seq_max=n_seq_max)
     try:
         return ModelRunner(model, config, metadata)
     except BaseException:

@@ -229,9 +229,10 @@ class Model(ABC):
         return [LayerKV(il, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v) for il in range(hp.n_layer)]
 
     def make_kv(self, n_ctx: int, n_ubatch: int, type_k: GGMLType, type_v: GGMLType,
-                v_trans: bool = False) -> KVUnified | KVCacheISWA:
-        """llama.cpp's cache for this model: one full cache, or full + SWA ring (llama_kv_cache_iswa).
-        V is transposed (v_trans) when flash attention is off, as in llama.cpp."""
+                v_trans: bool = False, n_seq: int = 1) -> KVUnified | KVCacheISWA:
+        """llama.cpp's unified cache for this model, shared by n_seq sequences: one full cache, or full +
+        SWA ring (llama_kv_cache_iswa, the ring holding every sequence's window). V is transposed
+        (v_trans) when flash attention is off, as in llama.cpp."""
         size = pad(n_ctx)
         layers = self.layer_kv()
         swa_layers = [s for s in layers if self.hp.is_swa(s.il)]
@@ -241,7 +242,7 @@ class Model(ABC):
             return KVUnified(KVCache(self.backend, layers, size, **kw))
         n_swa = self.hp.n_swa
         base = KVCache(self.backend, [s for s in layers if not self.hp.is_swa(s.il)], size, **kw)
-        swa = KVCache(self.backend, swa_layers, pad(min(size, n_swa + n_ubatch)), n_swa=n_swa, **kw)
+        swa = KVCache(self.backend, swa_layers, pad(min(size, n_swa * n_seq + n_ubatch)), n_swa=n_swa, **kw)
         return KVCacheISWA(base, swa)
 
     def positions(self, pos: np.ndarray) -> np.ndarray:
