@@ -41,9 +41,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080)")
     p.add_argument("-c", "--ctx", type=int, default=4096,
-                   help="context size shared by the slots, 0 = the model's training context (default 4096)")
+                   help="KV cache size in tokens, shared by all slots: each slot may use all of it while the "
+                        "others leave room (KV memory is taken as used); 0 = the model's training context "
+                        "(default 4096)")
     p.add_argument("-np", "--parallel", type=int, default=1,
-                   help="concurrent generations; more requests wait in a FIFO queue (default 1)")
+                   help="slots: concurrent generations, batched together into shared ubatches (continuous "
+                        "batching); more requests wait in a FIFO queue (default 1)")
     p.add_argument("--device", default="cpu", help="device that runs the model (default cpu)")
     p.add_argument("--rpc", type=_split_list, default=[], metavar="HOST:PORT[,..]",
                    help="RPC workers (hybridllm worker or llama.cpp rpc-server) whose devices hold layers")
@@ -71,8 +74,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CliError(f"--parallel must be at least 1 (got {args.parallel})")
     if args.ctx < 0:
         raise CliError(f"--ctx must be 0 or positive (got {args.ctx})")
-    if args.ctx and args.ctx // args.parallel < 8:
-        raise CliError(f"--ctx {args.ctx} is too small for --parallel {args.parallel}")
+    if args.ctx and args.ctx < 8:
+        raise CliError(f"--ctx {args.ctx} is too small")
     if args.n_predict < -1:
         raise CliError(f"--n-predict must be -1 or more (got {args.n_predict})")
     if args.rpc_token is not None and not args.rpc_token:

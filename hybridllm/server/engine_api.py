@@ -91,6 +91,7 @@ class GenStats:
     t_prompt_ms: float = 0.0
     t_gen_ms: float = 0.0                # from the end of the prompt to the last token
     n_decode: int = 0                    # decode calls (ubatches)
+    n_batched: int = 0                   # of which shared with other requests (continuous batching)
 
     @property
     def n_prompt_processed(self) -> int:
@@ -118,7 +119,7 @@ class ModelInfo:
     name: str                            # what /v1/models reports as the model id
     path: str
     arch: str
-    n_ctx: int                           # per slot
+    n_ctx: int                           # the KV cache, shared by the slots (each may use all of it)
     n_ctx_train: int
     n_vocab: int
     n_embd: int

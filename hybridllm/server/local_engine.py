@@ -1,14 +1,18 @@
 """Adapter from hybridllm's in-process engine (ModelRunner + Tokenizer + ChatTemplate + Sampler) to the
-server's `Engine` interface.
+server's `Engine` interface, with continuous batching (llama-server's update_slots).
 
-Each slot is its own ModelRunner (own KV cache) over one shared set of weights. All model work runs on a
-single engine thread, one short step at a time (a prompt ubatch, or one token), so steps of concurrent
-slots interleave and the event loop never blocks. Because that thread runs steps in submission order, a
-step still in flight when its client went away finishes before any later step touches the same slot.
+One ModelRunner holds the model and one KV cache of --ctx cells shared by the slots: slot i is sequence
+i, which takes cells as its tokens are written (a slot may use the whole context while the others are
+idle; idle slots' cached prompts are dropped, least recently used first, when cells run out). All model
+work runs on one engine thread in rounds: each round gathers every running request's next token and
+chunks of pending prompts (decodes first, at most n_ubatch tokens), runs them as ONE ubatch, and samples
+each request's next token (`batching.Rounds`). The event loop hands each request its Step and never
+blocks; a request takes part in a round only while its consumer waits for its next Step, and one whose
+client went away is dropped between rounds.
 
 Layers may live on RPC workers (`--rpc`). A worker that fails makes the step fail at once (503) and the
-engine degraded; the next request first recovers every slot (the weights go back once, from the worker's
---cache when it has one), or answers 503 again while the worker is still down.
+engine degraded; the next request first recovers (the weights go back, from the worker's --cache when it
+has one, and every slot starts over), or answers 503 again while the worker is still down.
 """
 from __future__ import annotations
 
@@ -16,20 +20,19 @@ import asyncio
 import logging
 import math
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import gguf
-import numpy as np
 
+from .batching import Job, Rounds, Seq, common_prefix
 from .engine_api import (ContextExceeded, EngineLoadError, EngineRequestError, EngineUnavailable, GenerateRequest,
                          GenStats, Health, HealthState, ModelInfo, SamplingParams, Step)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+MAX_GRAPHS = 12   # prepared graphs kept: batching makes more ubatch shapes (a graph per token count)
 
 __all__ = ["EngineUnsupported", "LocalEngine", "check_placement"]
 
@@ -59,20 +62,13 @@ def check_placement(device: str, rpc: Sequence[str], tensor_split: Sequence[floa
                                 f"add workers with --rpc")
 
 
-@dataclass
-class _Seq:
-    """One slot's sequence: its runner and the tokens currently held in its KV cache."""
-    runner: Any                          # hybridllm.engine.runner.ModelRunner
-    tokens: list[int] = field(default_factory=list)
-    dirty: bool = False                  # a step failed half-way: reset before the next use
-    epoch: int = 0                       # bumped when recovery resets the cache under a running job
-
-
 class LocalEngine:
-    """`Engine` over in-process ModelRunners; build it with `LocalEngine.load()` (blocking)."""
+    """`Engine` over one in-process ModelRunner shared by the slots; build it with `LocalEngine.load()`."""
 
-    def __init__(self, runners: Sequence[Any], tokenizer: Any, template: Any, info: ModelInfo) -> None:
-        self._seqs = [_Seq(r) for r in runners]
+    def __init__(self, runner: Any, n_slots: int, tokenizer: Any, template: Any, info: ModelInfo) -> None:
+        self._runner = runner
+        self._seqs = [Seq(i) for i in range(n_slots)]
+        self._rounds = Rounds(runner, self._seqs)   # used on the engine thread only
         self._tok = tokenizer
         self._template = template
         self._info = info
@@ -80,6 +76,9 @@ class LocalEngine:
         self._lost_reason = ""               # the failure that made the engine degraded
         self._probe: asyncio.Future[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hybridllm-engine")
+        self._jobs: list[Job] = []          # submitted and not finished, in arrival order (event loop)
+        self._driver: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()         # a consumer asks for a Step, a job comes or goes
         self._closed = False
 
     # --- construction ------------------------------------------------------------------------------
@@ -87,9 +86,9 @@ class LocalEngine:
     def load(cls, path: str | Path, *, n_ctx: int = 4096, n_parallel: int = 1, device: str = "cpu",
              name: str | None = None, rpc: Sequence[str] = (), tensor_split: Sequence[float] | None = None,
              rpc_token: str | None = None, rpc_timeout: float = 300.0) -> LocalEngine:
-        """Load the model once, its layers placed over `rpc` workers' devices and then `device`, and give
-        each of n_parallel slots n_ctx // n_parallel cells of KV cache (llama-server's per-slot split).
-        Raises EngineLoadError (one line) for what the user can fix."""
+        """Load the model once, its layers placed over `rpc` workers' devices and then `device`, with one
+        KV cache of n_ctx cells shared by n_parallel slots (llama-server's unified cache: a slot may use
+        all of it). Raises EngineLoadError (one line) for what the user can fix."""
         from ..engine.alloc import AllocError
         from ..engine.gguf_file import GGUFError
         from ..engine.placement import PlacementError
@@ -111,39 +110,33 @@ class LocalEngine:
               rpc: list[str], tensor_split: list[float] | None, rpc_token: str | None,
               rpc_timeout: float) -> LocalEngine:
         from ..engine.chat_template import ChatTemplate
-        from ..engine.runner import ModelRunner, load
+        from ..engine.runner import load
         from ..engine.tokenizer import Tokenizer
         n_ctx_train = _train_ctx(path)
         n_ctx_total = n_ctx if n_ctx > 0 else n_ctx_train  # --ctx 0: the training context
-        slot_ctx = n_ctx_total // n_parallel
-        if slot_ctx < 8:
-            raise EngineLoadError(f"--ctx {n_ctx_total} over --parallel {n_parallel} leaves {slot_ctx} tokens "
-                                  f"a slot")
+        if n_ctx_total < 8:
+            raise EngineLoadError(f"--ctx {n_ctx_total} is too small")
         if n_ctx_total > n_ctx_train:
             log.warning("--ctx %d is beyond the model's training context of %d tokens", n_ctx_total, n_ctx_train)
         mine = _connect(rpc, rpc_token, rpc_timeout) if rpc_token else []  # load() takes no token
         try:
-            first = load(path, device=device, n_ctx=slot_ctx, rpc=mine or rpc, tensor_split=tensor_split,
-                         kv_slots=n_parallel, rpc_timeout=rpc_timeout,
-                         progress=sys.stderr.isatty() or bool(rpc), log=log.info)
+            runner = load(path, device=device, n_ctx=n_ctx_total, rpc=mine or rpc, tensor_split=tensor_split,
+                          n_seq_max=n_parallel, rpc_timeout=rpc_timeout,
+                          progress=sys.stderr.isatty() or bool(rpc), log=log.info)
         except BaseException:
             for b in mine:
                 b.close()
             raise
-        first.model.owned.extend(mine)  # closed with the model, after the last slot
-        runners = [first]
+        runner.model.owned.extend(mine)  # closed with the model
+        runner.config.max_graphs = MAX_GRAPHS
         try:
-            for _ in range(n_parallel - 1):  # over the same weights; each KV cache goes where its layers are
-                runners.append(ModelRunner(first.model, replace(first.config), first.metadata))
-            tok = Tokenizer.from_gguf(first.metadata)
-            template = ChatTemplate.for_model(first.metadata, tok)
+            tok = Tokenizer.from_gguf(runner.metadata)
+            template = ChatTemplate.for_model(runner.metadata, tok)
         except BaseException:
-            for r in runners[1:]:
-                _free_runner(r, with_model=False)
-            first.close()
+            runner.close()
             raise
-        devices = "+".join(b.name for b in first.model.placement.devices)
-        return cls(runners, tok, template, _model_info(path, first, tok, template, name, devices))
+        devices = "+".join(b.name for b in runner.model.placement.devices)
+        return cls(runner, n_parallel, tok, template, _model_info(path, runner, tok, template, name, devices))
 
     # --- Engine: facts and state --------------------------------------------------------------------
     @property
@@ -153,6 +146,11 @@ class LocalEngine:
     @property
     def n_slots(self) -> int:
         return len(self._seqs)
+
+    @property
+    def stats(self) -> Any:
+        """The runner's counters (ubatches, ubatches_multi_seq, ...)."""
+        return self._runner.stats
 
     def health(self) -> Health:
         return self._health
@@ -178,12 +176,10 @@ class LocalEngine:
             log.warning("health probe failed: %s", _one_line(fut.exception()))  # type: ignore[arg-type]
 
     def _probe_devices(self) -> None:
-        """Engine thread. The slots share the workers' connections: one probe covers them all."""
-        for i, seq in enumerate(self._seqs):
-            state, why = seq.runner.health(probe=i == 0)
-            if state != "ok":
-                self.mark_degraded(why)
-                return
+        """Engine thread."""
+        state, why = self._runner.health(probe=True)
+        if state != "ok":
+            self.mark_degraded(why)
 
     def mark_degraded(self, message: str) -> None:
         """Something (a lost worker, a failed step) makes the engine serve in a degraded way."""
@@ -196,8 +192,8 @@ class LocalEngine:
         self._lost_reason = ""
 
     def _recover(self) -> None:
-        """Engine thread, before a job: if degraded, reconnect and re-upload what a lost worker held (the
-        weights once; each slot its KV cache) and start every slot's sequence over."""
+        """Engine thread, before a job: if degraded, reconnect and re-upload what a lost worker held (its
+        weights and KV memory) and start every slot's sequence over."""
         from ..rpc.transport import RpcError
         if self._health.state is not HealthState.DEGRADED:
             return
@@ -205,11 +201,7 @@ class LocalEngine:
         where = reason.split(" failed: ", 1)[0] if " failed: " in reason else "a device"
         log.info("recovering %s", where)
         try:
-            for seq in self._seqs:
-                seq.runner.recover()
-                seq.tokens.clear()
-                seq.dirty = False
-                seq.epoch += 1   # a job still running on that slot must not continue on a reset cache
+            self._runner.recover()
         except Exception as exc:  # stay degraded: each request tries again
             if not isinstance(exc, RpcError):   # e.g. the worker came back with less memory
                 log.exception("recovering %s failed", where)
@@ -217,6 +209,10 @@ class LocalEngine:
             message = f"{what}: {_one_line(exc)} ({where} failed earlier; each request retries)"
             self._health = Health(HealthState.DEGRADED, message)
             raise EngineUnavailable(message) from None
+        for seq in self._seqs:
+            seq.tokens.clear()
+            seq.dirty = False
+            seq.epoch += 1   # a job still running on that slot must not continue on a reset cache
         self.mark_ok()
         log.info("recovered: every device is back")
 
@@ -259,27 +255,39 @@ class LocalEngine:
 
     # --- Engine: generation ------------------------------------------------------------------------
     def cached_prefix(self, slot: int, prompt: Sequence[int]) -> int:
-        return _common_prefix(self._seqs[slot].tokens, prompt)
+        seq = self._seqs[slot]
+        return 0 if seq.dirty else common_prefix(seq.tokens, prompt)
 
     async def generate(self, slot: int, request: GenerateRequest, stats: GenStats) -> AsyncIterator[Step]:
+        """The slot's job joins the batch loop, which works on it whenever its consumer asks for the next
+        Step (a slow client is not run ahead of, and `stats` change only while it waits). Leaving the
+        iterator early (client gone) drops the job before the next ubatch."""
         if self._closed:
             raise RuntimeError("engine is closed")
         if not request.prompt:
             raise EngineRequestError("the prompt is empty")
         self._check_ids(request.prompt)
-        seq = self._seqs[slot]
-        if len(request.prompt) >= seq.runner.n_ctx:
-            raise ContextExceeded(len(request.prompt), seq.runner.n_ctx)
-        job = _Job(seq, request, stats, self._tok, self._sampler(request))
+        if len(request.prompt) >= self._runner.n_ctx:
+            raise ContextExceeded(len(request.prompt), self._runner.n_ctx)
+        job = Job(self._seqs[slot], request, stats, self._tok, self._sampler(request))
         await asyncio.get_running_loop().run_in_executor(self._executor, self._recover)
-        await self._run(seq, job.start)
-        while job.pending:
-            await self._run(seq, job.prefill_chunk)
-        while True:
-            step = await self._run(seq, job.next_step)
-            yield step
-            if step.finish_reason is not None:
-                return
+        self._jobs.append(job)
+        if self._driver is None or self._driver.done():
+            self._wake = asyncio.Event()     # of this event loop
+            self._driver = asyncio.ensure_future(self._drive())
+        try:
+            while True:
+                job.wanted = True
+                self._wake.set()
+                item = await job.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            job.cancelled = True
+            self._wake.set()
 
     def _sampler(self, request: GenerateRequest) -> Any:
         from ..engine.sampler import DEFAULT_SEED, Sampler, SamplerParams
@@ -297,139 +305,55 @@ class LocalEngine:
         except ValueError as exc:
             raise EngineRequestError(str(exc)) from None
 
-    async def _run(self, seq: _Seq, fn: Callable[[], T]) -> T:
-        def guarded() -> T:
+    # --- the batch loop ------------------------------------------------------------------------------
+    async def _drive(self) -> None:
+        """Event loop side: while jobs are active, run a round on the engine thread with those whose
+        consumer waits for a Step, and hand out what each got; sleep while no round can do anything."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._jobs = [j for j in self._jobs if not (j.cancelled or j.finished)]
+            if not self._jobs:
+                return
+            if self._closed:
+                for job in self._jobs:
+                    job.deliver(RuntimeError("engine is closed"))
+                return
+            await asyncio.sleep(0)   # consumers just handed a Step ask for the next one: batch them too
+            self._wake.clear()
+            jobs = [j for j in self._jobs if j.wanted and not j.cancelled]
+            busy = {j.seq.id for j in self._jobs if not j.cancelled}
+            if not jobs:
+                await self._wake.wait()
+                continue
             try:
-                return fn()
-            except BaseException:
-                seq.dirty = True  # the cache may hold half a step: reset it before the next request
-                raise
+                results, moved = await loop.run_in_executor(self._executor, self._rounds, jobs, busy,
+                                                            len(jobs) < len(self._jobs))
+            except Exception as exc:  # the executor is gone (closing), or a bug in the loop itself
+                log.exception("the batch loop failed")
+                results, moved = [(j, exc) for j in jobs], True
+            for job, item in results:
+                job.deliver(self._translate(item) if isinstance(item, BaseException) else item)
+            if not moved:   # e.g. a prompt waits for cells that running requests hold: wait for a change
+                await self._wake.wait()
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        """What a failed ubatch means to each of its requests (the old per-step rules)."""
         from ..engine.runner import DeviceLost
         from ..rpc.transport import RpcError
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, guarded)
-        except (EngineRequestError, EngineUnavailable, asyncio.CancelledError):
-            raise
-        except (DeviceLost, RpcError) as exc:  # the message names the device and its layers
+        if isinstance(exc, (EngineRequestError, EngineUnavailable)):
+            return exc
+        if isinstance(exc, (DeviceLost, RpcError)):  # the message names the device and its layers
             self.mark_degraded(_one_line(exc))
-            raise EngineUnavailable(_one_line(exc)) from None
-        except Exception as exc:
-            self.mark_degraded(f"a generation failed: {type(exc).__name__}: {exc}")
-            raise
+            return EngineUnavailable(_one_line(exc))
+        self.mark_degraded(f"a generation failed: {type(exc).__name__}: {exc}")
+        return exc
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         await asyncio.to_thread(self._executor.shutdown, True)
-        for i, seq in enumerate(self._seqs):
-            _free_runner(seq.runner, with_model=(i == len(self._seqs) - 1))
-
-
-class _Job:
-    """One request on one slot, as engine-thread steps: start, prompt ubatches, then one token per step."""
-
-    def __init__(self, seq: _Seq, req: GenerateRequest, stats: GenStats, tok: Any, sampler: Any) -> None:
-        from ..engine.sampler import StopChecker
-        from ..engine.tokenizer import StreamDecoder
-        self.seq, self.req, self.stats, self.tok, self.sampler = seq, req, stats, tok, sampler
-        self.decoder = StreamDecoder(tok)
-        self.stop = StopChecker(() if req.ignore_eos else tok.eog_ids, list(req.stop))
-        self.pending: list[int] = []
-        self.logits: np.ndarray | None = None
-        self.last: int | None = None     # sampled, not yet in the cache
-        self.t0 = self.t_prompt_end = 0.0
-        self.epoch = seq.epoch
-
-    def _check_epoch(self) -> None:
-        if self.seq.epoch != self.epoch:
-            raise EngineUnavailable("the model was reloaded after a worker failed; retry the request")
-
-    def start(self) -> None:
-        seq, runner, prompt = self.seq, self.seq.runner, list(self.req.prompt)
-        self.t0 = _now()
-        self.epoch = seq.epoch
-        if seq.dirty:
-            runner.reset()
-            seq.tokens.clear()
-        n_keep = _common_prefix(seq.tokens, prompt) if self.req.cache_prompt else 0
-        n_keep = min(n_keep, len(prompt) - 1)  # re-evaluate at least one token: its logits are needed
-        if n_keep < runner.n_past and not runner.rewind(n_keep):
-            n_keep = 0  # a sliding-window cache cannot go back: rewind() reset it
-        del seq.tokens[n_keep:]
-        self.pending = prompt[n_keep:]
-        self.stats.n_prompt, self.stats.n_cached = len(prompt), n_keep
-        self.sampler.accept_many(prompt)  # llama-server fills the penalty window with the prompt
-
-    def prefill_chunk(self) -> None:
-        self._check_epoch()
-        runner = self.seq.runner
-        chunk, self.pending = self.pending[:runner.config.n_ubatch], self.pending[runner.config.n_ubatch:]
-        logits = runner.decode(chunk)
-        self.seq.tokens.extend(chunk)
-        self.stats.n_decode += 1
-        if not self.pending:
-            self.logits = logits[0]
-            self.t_prompt_end = _now()
-            self.stats.t_prompt_ms = (self.t_prompt_end - self.t0) * 1e3
-
-    def next_step(self) -> Step:
-        self._check_epoch()
-        runner, req, st = self.seq.runner, self.req, self.stats
-        if req.max_tokens == 0:
-            return Step(None, "", "length", "limit")
-        if self.last is not None:
-            self.logits = runner.decode([self.last])[0]
-            self.seq.tokens.append(self.last)
-            st.n_decode += 1
-        assert self.logits is not None
-        token = self.sampler.sample(self.logits)
-        self.last = token
-        st.n_predicted += 1
-        st.t_gen_ms = (_now() - self.t_prompt_end) * 1e3
-        return self._finish_or_continue(token)
-
-    def _finish_or_continue(self, token: int) -> Step:
-        piece = self.decoder.feed([token])
-        if self.stop.is_eog(token):
-            return Step(token, self.stop.flush() + piece + self.decoder.flush(), "stop", "eos")
-        text, hit = self.stop.feed_text(piece)
-        if hit:
-            return Step(token, text, "stop", "word", stopping_word=self.stop.stopped_by or "")
-        if 0 < self.req.max_tokens <= self.stats.n_predicted:
-            return Step(token, text + self._drain(), "length", "limit")
-        if self.seq.runner.n_past + 1 >= self.seq.runner.n_ctx:  # no room to decode this token
-            return Step(token, text + self._drain(), "length", "limit", truncated=True)
-        return Step(token, text)
-
-    def _drain(self) -> str:
-        """Held-back text at a stop that is not a stop string: what's left of the decoder and checker."""
-        tail, _ = self.stop.feed_text(self.decoder.flush())
-        return tail + self.stop.flush()
-
-
-def _now() -> float:
-    import time
-    return time.perf_counter()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _free_runner(runner: Any, *, with_model: bool) -> None:
-    """ModelRunner.close() also frees the weights, which the slots share; free only what is its own."""
-    if with_model:
-        runner.close()
-        return
-    for prep in runner._graphs.values():  # gap: ModelRunner has no close(free_model=False)
-        prep.compute.free()
-    runner._graphs.clear()
-    runner.kv.free()
+        self._runner.close()
 
 
 def _train_ctx(path: str | Path) -> int:

@@ -1,6 +1,7 @@
 """Slots: at most N generations at once (`--parallel N`); further requests wait in a FIFO queue.
 
-A slot is one active generation with its own KV cache in the engine. An idle request takes the idle slot
+A slot is one active generation, a sequence in the engine's shared KV cache (the engine batches the
+slots' tokens into common ubatches). An idle request takes the idle slot
 whose cache shares the longest prefix with its prompt (so a follow-up chat turn reuses its slot's cache);
 a queued request gets the next slot that is released, in arrival order. A request cancelled while
 waiting leaves the queue; one cancelled just as it was granted a slot hands the slot on.
@@ -44,6 +45,8 @@ class Slot:
             "n_prompt_tokens": self.stats.n_prompt,
             "n_prompt_tokens_processed": self.stats.n_prompt_processed,
             "n_prompt_tokens_cache": self.stats.n_cached,
+            "n_decode": self.stats.n_decode,           # ubatches this request took part in,
+            "n_decode_batched": self.stats.n_batched,  # of which shared with other slots' tokens
             "params": {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p,
                        "repeat_penalty": s.repeat_penalty, "repeat_last_n": s.repeat_last_n,
                        "frequency_penalty": s.frequency_penalty, "presence_penalty": s.presence_penalty,

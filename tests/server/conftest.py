@@ -27,7 +27,7 @@ def server(synth_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.fixture(scope="session")
 def server2(synth_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    """Two slots of 512 tokens each."""
+    """Two slots sharing 1024 tokens of KV cache."""
     srv = start_serve(synth_model, ["--parallel", "2", "--ctx", "1024"], tmp_path_factory.mktemp("logs"))
     yield srv
     srv.stop()

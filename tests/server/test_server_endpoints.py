@@ -35,7 +35,7 @@ def test_props(server: Serve, synth_model: Path) -> None:
 def test_slots(server2: Serve) -> None:
     slots = get(server2, "/slots")
     assert [s["id"] for s in slots] == [0, 1]
-    assert all(s["n_ctx"] == 512 and s["is_processing"] is False for s in slots)
+    assert all(s["n_ctx"] == 1024 and s["is_processing"] is False for s in slots)  # the shared cache
     post(server2, "/completion", {"prompt": "hi", "n_predict": 2, "temperature": 0.0, "ignore_eos": True})
     used = [s for s in get(server2, "/slots") if "id_task" in s]
     assert used and used[0]["next_token"][0]["n_decoded"] == 2 and used[0]["params"]["n_predict"] == 2

@@ -117,7 +117,7 @@ def test_cli_errors(synth_model: Path, tmp_path: Path, capsys: pytest.CaptureFix
              ((model, "--tensor-split", "1,1"), "--tensor-split has 2 values for 1 device"),
              ((model, "--device", "tpu9"), "--device tpu9"),
              ((model, "--parallel", "0"), "--parallel"),
-             ((model, "--ctx", "8", "--parallel", "4"), "too small"),
+             ((model, "--ctx", "4", "--parallel", "4"), "too small"),
              ((model, "--tensor-split", "a,b"), "comma-separated numbers"),
              ((model, "--port", "70000"), "port out of range")]
     for args, needle in cases:
@@ -185,11 +185,12 @@ def test_stop_while_loading(synth_model: Path) -> None:
         gate.set()
 
 
-def test_engine_context_split_and_alias(synth_model: Path) -> None:
-    """--ctx 0 is the training context (512 for the synthetic model), split over the slots."""
+def test_engine_context_shared_and_alias(synth_model: Path) -> None:
+    """--ctx 0 is the training context (512 for the synthetic model), shared by the slots: each may use
+    all of it (llama-server's unified KV cache)."""
     engine = LocalEngine.load(synth_model, n_ctx=0, n_parallel=2, name="my-model")
     try:
-        assert engine.n_slots == 2 and engine.info.n_ctx == 256 and engine.info.n_ctx_train == 512
+        assert engine.n_slots == 2 and engine.info.n_ctx == 512 and engine.info.n_ctx_train == 512
         assert engine.info.name == "my-model"
     finally:
         asyncio.run(engine.close())
