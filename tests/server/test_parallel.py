@@ -128,6 +128,8 @@ def test_prefix_reuse_and_rewind_beside_another_slot(server3: Serve) -> None:
             return out
     first, second, third = asyncio.run(main())
     assert second["timings"]["cache_n"] == len(base) and third["timings"]["cache_n"] == 20
+    mine = next(s for s in get(server3, "/slots") if s["id"] == third["id_slot"])
+    assert mine["n_decode_batched"] > 0   # its ubatches held the other slot's tokens too
     for prompt, got in ((base, first), (longer, second), (other, third)):
         fresh = post(server3, "/completion", {**GREEDY, "prompt": prompt, "n_predict": 6, "cache_prompt": False})
         assert got["tokens"] == fresh["tokens"]
