@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_models import MODELS, Model, Weightset, build_graph  # noqa: E402
+from gpu_models import MODELS, Model, Weightset, build_graph, kv_cache  # noqa: E402
 from hybridllm.ggml.tensor import Tensor  # noqa: E402
 from hybridllm.ggml.types import GGMLOp, GGMLType, TensorFlag  # noqa: E402
 
@@ -42,26 +42,27 @@ def timed_runs(be, plan, n: int, warm: int = 2) -> float:
 
 
 class MemWatch:
-    """Largest device memory in use (total - free) over the sample points."""
+    """Device memory in use (total - free) at the start and its largest value over the sample points."""
 
     def __init__(self, be) -> None:
-        self.be, self.peak = be, 0
+        self.be = be
+        if hasattr(be.rt, "device"):
+            import cupy
+
+            cupy.get_default_memory_pool().free_all_blocks()  # the weight generator's temporaries
+        free, total = be.rt.memory()
+        self.start = self.peak = total - free
 
     def sample(self) -> None:
         free, total = self.be.rt.memory()
         self.peak = max(self.peak, total - free)
 
 
-def bench_model(be, m: Model, past: int, prefill: int, iters: int, copy_gbps: float | None) -> dict:
-    mem = MemWatch(be)
-    t0 = time.perf_counter()
-    ws = Weightset(be, m)
-    res: dict = {"weights_GB": ws.bytes_total / 1e9, "weight_read_per_token_GB": ws.bytes_per_token / 1e9,
-                 "setup_s": time.perf_counter() - t0}
-    b, logits = build_graph(be, m, ws, 1, past)
+def decode_run(be, m: Model, ws: Weightset, kv, n_ctx: int, past: int, iters: int, mem: MemWatch) -> dict:
+    b, logits = build_graph(be, m, ws, 1, past, n_ctx, planned=True, kv=kv)
     t1 = time.perf_counter()
     plan = be.prepare(b.nodes)
-    res["prepare_decode_ms"] = 1e3 * (time.perf_counter() - t1)
+    res = {"prepare_decode_ms": 1e3 * (time.perf_counter() - t1)}
     plan._no_graph = True
     t_nograph = timed_runs(be, plan, max(1, iters // 4), warm=1)
     plan._no_graph = not be.graphs
@@ -71,14 +72,31 @@ def bench_model(be, m: Model, past: int, prefill: int, iters: int, copy_gbps: fl
     res.update(tg_tok_s=1 / t, tg_ms=1e3 * t, tg_tok_s_nograph=1 / t_nograph, decode_past=past,
                launches_per_token=len(plan.launches), graph_captured=getattr(plan, "_graph", None) is not None,
                logits_finite=bool(np.isfinite(out).all()), weight_GBps=ws.bytes_per_token * (1 / t) / 1e9)
+    del plan
+    b.free()
+    return res
+
+
+def bench_model(be, m: Model, past: int, prefill: int, iters: int, copy_gbps: float | None, n_ctx: int = 4096,
+                long_past: int = 0) -> dict:
+    mem = MemWatch(be)
+    t0 = time.perf_counter()
+    ws = Weightset(be, m)
+    kvb, kv = kv_cache(be, m, n_ctx)
+    kv_bytes = sum(buf.size for buf in kvb.bufs)
+    res: dict = {"weights_GB": ws.bytes_total / 1e9, "weight_read_per_token_GB": ws.bytes_per_token / 1e9,
+                 "setup_s": time.perf_counter() - t0, "n_ctx": n_ctx, "kv_GB": kv_bytes / 1e9}
+    res.update(decode_run(be, m, ws, kv, n_ctx, past, iters, mem))
     if copy_gbps:
         res["bandwidth_share"] = res["weight_GBps"] / copy_gbps
     if m.ref_tg:
         res["tg_vs_llama_cpp"] = res["tg_tok_s"] / m.ref_tg
-    del plan
-    b.free()
+    if long_past:
+        long = decode_run(be, m, ws, kv, n_ctx, min(long_past, n_ctx - 1), max(2, iters // 3), mem)
+        res.update(tg_long_tok_s=long["tg_tok_s"], tg_long_past=long["decode_past"],
+                   tg_long_finite=long["logits_finite"])
     if prefill:
-        b, logits = build_graph(be, m, ws, prefill, 0)
+        b, logits = build_graph(be, m, ws, prefill, 0, n_ctx, planned=True, kv=kv)
         t1 = time.perf_counter()
         plan = be.prepare(b.nodes)
         res["prepare_prefill_ms"] = 1e3 * (time.perf_counter() - t1)
@@ -91,7 +109,10 @@ def bench_model(be, m: Model, past: int, prefill: int, iters: int, copy_gbps: fl
             res["pp_vs_llama_cpp"] = res["pp_tok_s"] / m.ref_pp
         del plan
         b.free()
-    res["peak_device_mem_GB"] = mem.peak / 1e9
+    # device memory this model took at its peak (CUDA context and kernels excluded: measured from the start)
+    res["peak_device_mem_GB"] = (mem.peak - mem.start) / 1e9
+    res["peak_over_weights_kv_GB"] = (mem.peak - mem.start - ws.bytes_total - kv_bytes) / 1e9
+    kvb.free()
     ws.free()
     return res
 
@@ -146,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--past", type=int, default=64, help="cached tokens when decoding (tg128's middle)")
     ap.add_argument("--prefill", type=int, default=512, help="prompt tokens (0: skip)")
+    ap.add_argument("--ctx", type=int, default=4096, help="KV cache cells (F16), allocated once per model")
+    ap.add_argument("--long-past", type=int, default=0, help="also decode after this many cached tokens")
     ap.add_argument("--copy-mib", type=int, default=1024, help="size of the copy-bandwidth test (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args(argv)
@@ -161,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         res.update(bench_copies(be, args.copy_mib << 20, max(2, args.iters // 5)))
         copy_gbps = res["d2d_copy_GBps"]
     for name in args.models.split(","):
-        res["models"][name] = bench_model(be, MODELS[name], args.past, args.prefill, args.iters, copy_gbps)
+        res["models"][name] = bench_model(be, MODELS[name], args.past, args.prefill, args.iters, copy_gbps,
+                                            args.ctx, args.long_past)
         print(name, json.dumps(res["models"][name], sort_keys=True), flush=True)
     res["wall_s"] = time.perf_counter() - t0
     text = json.dumps(res, indent=1, sort_keys=True)

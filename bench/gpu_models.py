@@ -133,12 +133,22 @@ class Weights:
 
 
 class Builder:
-    """Tensors in backend buffers and the node list, in execution order."""
+    """Tensors in backend buffers and the node list, in execution order. With `planned`, computed nodes get
+    no buffer of their own: `finish()` places them in one compute buffer whose memory is reused once a
+    tensor's last reader has run (hybridllm.engine.alloc, like the engine), so peak memory is the engine's."""
 
-    def __init__(self, be: Any) -> None:
+    def __init__(self, be: Any, planned: bool = False) -> None:
         self.be = be
         self.nodes: list[Tensor] = []
         self.bufs: list = []
+        self.planned = planned
+        self.compute: Any = None
+
+    def finish(self) -> None:
+        if self.planned and self.compute is None:
+            from hybridllm.engine.alloc import ComputeBuffer
+
+            self.compute = ComputeBuffer(self.be, nodes=self.nodes)
 
     def alloc(self, t: Tensor) -> Tensor:
         buf = self.be.alloc_buffer(max(1, t.nbytes))
@@ -160,7 +170,7 @@ class Builder:
                    src=list(src), name=name or f"{op.name.lower()}-{len(self.nodes)}")
         if into is not None:
             t.buffer, t.offset, t.view_src = into.buffer, into.offset, into
-        else:
+        elif not self.planned:
             self.alloc(t)
         self.nodes.append(t)
         return t
@@ -175,6 +185,9 @@ class Builder:
         for buf in self.bufs:
             self.be.free_buffer(buf)
         self.bufs = []
+        if self.compute is not None:
+            self.compute.free()
+            self.compute = None
 
 
 def _contig(ne: tuple[int, ...], es: int = 4) -> tuple[int, int, int, int]:
@@ -234,10 +247,12 @@ class Weightset:
         self.b.free()
 
 
-def build_graph(be: Any, m: Model, ws: Weightset, n_tokens: int, n_past: int, n_ctx: int = 4096):
+def build_graph(be: Any, m: Model, ws: Weightset, n_tokens: int, n_past: int, n_ctx: int = 4096,
+                planned: bool = False, kv: "list[tuple[Tensor, Tensor]] | None" = None):
     """(builder with the forward graph of n_tokens new tokens after n_past cached ones, logits tensor).
-    Like llama.cpp's batch decode, logits come out for the last token only."""
-    b = Builder(be)
+    Like llama.cpp's batch decode, logits come out for the last token only. `kv`: each layer's (K, V) cache
+    tensors of n_ctx cells to use (default: new ones, owned by the builder); `planned`: see Builder."""
+    b = Builder(be, planned)
     E, H, Hkv, D, T = m.n_embd, m.n_head, m.n_head_kv, m.head_dim, n_tokens
     n_kv = min(n_ctx, (n_past + T + 255) // 256 * 256)  # llama.cpp pads n_kv to 256
     rng = np.random.default_rng(1)
@@ -251,9 +266,12 @@ def build_graph(be: Any, m: Model, ws: Weightset, n_tokens: int, n_past: int, n_
     rope = pack_params(0, D, int(RopeMode.NEOX), 0, 40960, 1e6, 1.0, 0.0, 1.0, 32.0, 1.0, 0, 0, 0, 0, 0)
     cur = b.op(GGMLOp.GET_ROWS, F32, (E, T), [ws.embd, tokens], name="inp_embd")
     for il, L in enumerate(ws.layers):
-        kc, vc = b.leaf(F16, (Hkv * D, n_ctx)), b.leaf(F16, (Hkv * D, n_ctx))
-        for c in (kc, vc):
-            be.clear(c.buffer, 0)
+        if kv is not None:
+            kc, vc = kv[il]
+        else:
+            kc, vc = b.leaf(F16, (Hkv * D, n_ctx)), b.leaf(F16, (Hkv * D, n_ctx))
+            for c in (kc, vc):
+                be.clear(c.buffer, 0)
         h = b.op(GGMLOp.MUL, F32, (E, T), [b.op(GGMLOp.RMS_NORM, F32, (E, T), [cur], (1e-6,)), L["attn_norm"]])
         q = b.op(GGMLOp.MUL_MAT, F32, (H * D, T), [L["q"], h])
         q3 = b.view(q, (D, H, T, 1), _contig((D, H, T)), op=GGMLOp.RESHAPE)
@@ -282,7 +300,20 @@ def build_graph(be: Any, m: Model, ws: Weightset, n_tokens: int, n_past: int, n_
     h = b.op(GGMLOp.MUL, F32, (E, 1), [b.op(GGMLOp.RMS_NORM, F32, (E, 1), [last], (1e-6,)), ws.out_norm])
     logits = b.op(GGMLOp.MUL_MAT, F32, (m.n_vocab, 1), [ws.output, h], name="result_output")
     logits.flags |= TensorFlag.OUTPUT
+    b.finish()
     return b, logits
+
+
+def kv_cache(be: Any, m: Model, n_ctx: int) -> tuple[Builder, list[tuple[Tensor, Tensor]]]:
+    """Each layer's F16 K and V cache of n_ctx cells, zeroed, as llama.cpp allocates them."""
+    b = Builder(be)
+    cells = []
+    for _ in range(m.n_layer):
+        kc, vc = b.leaf(F16, (m.n_head_kv * m.head_dim, n_ctx)), b.leaf(F16, (m.n_head_kv * m.head_dim, n_ctx))
+        for c in (kc, vc):
+            be.clear(c.buffer, 0)
+        cells.append((kc, vc))
+    return b, cells
 
 
 def dense_ffn(b: Builder, m: Model, L: dict[str, Tensor], h: Tensor) -> Tensor:

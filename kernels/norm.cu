@@ -94,15 +94,43 @@ extern "C" __global__ void __launch_bounds__(1024) k_norm(
 // RMS_NORM(x) * w -> ROPE (NORMAL/NEOX, no offset) in one pass over rows of one head (ne0 <= 1024), written
 // to d (f32) or, with idx, as SET_ROWS of the result seen as rows of ne0*ne1: row idx[i2] of `cache`
 // (f16/f32, row stride nbc1), columns i1*ne0 + i0. One block per row (i1 head, i2 token, i3).
-extern "C" __global__ void __launch_bounds__(1024) k_norm_rope(
-    const u8* x, u8* d, const u8* w, const u8* pos, const u8* ff, float eps, int ne0, int ne1, int ne2, int ne3,
-    i64 nbx1, i64 nbx2, i64 nbx3, i64 nbd1, i64 nbd2, i64 nbd3, int nw0, i64 nbw0, int mode, int n_dims,
-    float theta_scale, float freq_scale, float ext_factor, float attn_factor, float corr0, float corr1,
-    const u8* idx, int idx64, u8* cache, int cache_f16, i64 nbc1) {
+#define NR_ARGS                                                                                              \
+    const u8 *x, u8 *d, const u8 *w, const u8 *pos, const u8 *ff, float eps, int ne0, int ne1, int ne2, int ne3, \
+        i64 nbx1, i64 nbx2, i64 nbx3, i64 nbd1, i64 nbd2, i64 nbd3, int nw0, i64 nbw0, int mode, int n_dims,   \
+        float theta_scale, float freq_scale, float ext_factor, float attn_factor, float corr0, float corr1,     \
+        const u8 *idx, int idx64, u8 *cache, int cache_f16, i64 nbc1
+#define NR_PASS                                                                                              \
+    x, d, w, pos, ff, eps, ne0, ne1, ne2, ne3, nbx1, nbx2, nbx3, nbd1, nbd2, nbd3, nw0, nbw0, mode, n_dims,    \
+        theta_scale, freq_scale, ext_factor, attn_factor, corr0, corr1, idx, idx64, cache, cache_f16, nbc1
+#define NR_ARGS_B                                                                                            \
+    const u8 *x_b, u8 *d_b, const u8 *w_b, const u8 *pos_b, const u8 *ff_b, float eps_b, int ne0_b, int ne1_b, \
+        int ne2_b, int ne3_b, i64 nbx1_b, i64 nbx2_b, i64 nbx3_b, i64 nbd1_b, i64 nbd2_b, i64 nbd3_b, int nw0_b, \
+        i64 nbw0_b, int mode_b, int n_dims_b, float theta_scale_b, float freq_scale_b, float ext_factor_b,     \
+        float attn_factor_b, float corr0_b, float corr1_b, const u8 *idx_b, int idx64_b, u8 *cache_b,          \
+        int cache_f16_b, i64 nbc1_b
+#define NR_PASS_B                                                                                            \
+    x_b, d_b, w_b, pos_b, ff_b, eps_b, ne0_b, ne1_b, ne2_b, ne3_b, nbx1_b, nbx2_b, nbx3_b, nbd1_b, nbd2_b,     \
+        nbd3_b, nw0_b, nbw0_b, mode_b, n_dims_b, theta_scale_b, freq_scale_b, ext_factor_b, attn_factor_b,     \
+        corr0_b, corr1_b, idx_b, idx64_b, cache_b, cache_f16_b, nbc1_b
+
+HL_DEV void norm_rope_row(i64 rr, NR_ARGS);
+
+extern "C" __global__ void __launch_bounds__(1024) k_norm_rope(NR_ARGS) {
+    norm_rope_row(blockIdx.x + (i64)blockIdx.y * gridDim.x, NR_PASS);
+}
+
+// Two independent k_norm_rope launches in one (Q and K of a layer): the first n_a blocks do the first.
+extern "C" __global__ void __launch_bounds__(1024) k_norm_rope2(NR_ARGS, NR_ARGS_B, int n_a) {
+    const i64 r = blockIdx.x + (i64)blockIdx.y * gridDim.x;
+    if (r < n_a) norm_rope_row(r, NR_PASS);
+    else norm_rope_row(r - n_a, NR_PASS_B);
+}
+
+HL_DEV void norm_rope_row(i64 rr, NR_ARGS) {
     __shared__ float scratch[HL_MAX_WARPS];
     __shared__ float row[1024];
-    int i1, i2, i3;
-    if (!block_row(ne1, ne2, ne3, &i1, &i2, &i3)) return;
+    if (rr >= (i64)ne1 * ne2 * ne3) return;
+    const int i1 = (int)(rr % ne1), i2 = (int)((rr / ne1) % ne2), i3 = (int)(rr / ((i64)ne1 * ne2));
     const float* xr = (const float*)(x + i1 * nbx1 + i2 * nbx2 + i3 * nbx3);
     float s2 = 0.0f;
     for (int i = threadIdx.x; i < ne0; i += blockDim.x) s2 += xr[i] * xr[i];

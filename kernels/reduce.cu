@@ -55,18 +55,11 @@ extern "C" __global__ void __launch_bounds__(1024) k_argsort(const u8* x, u8* d,
     }
 }
 
-// MoE router in one pass per token (llama.cpp's softmax gating): probs = softmax(logits); order = ARGSORT
-// desc of probs (stable); w[e] = probs[order[e]] for the n_used first, and with `norm` w /= clamp(sum w,
-// cmin, cmax). Writes the full order row and w (n_used values). One block per token, n_exp <= SORT_MAX.
-extern "C" __global__ void __launch_bounds__(1024) k_moe_router(const u8* logits, u8* order, u8* wout, int n_exp,
-                                                                int n_used, int n_tok, int norm, float cmin,
-                                                                float cmax, i64 nbl1, i64 nbo1, i64 nbw1) {
-    __shared__ float sv[SORT_MAX];
-    __shared__ int so[SORT_MAX];
-    __shared__ float scratch[HL_MAX_WARPS];
-    const i64 t = blockIdx.x + (i64)blockIdx.y * gridDim.x;
-    if (t >= n_tok) return;
-    const float* x = (const float*)(logits + t * nbl1);
+// MoE router of one token (llama.cpp's softmax gating): probs = softmax(x); order = ARGSORT desc of probs
+// (stable); w[e] = probs[order[e]] for the n_used first, and with `norm` w /= clamp(sum w, cmin, cmax).
+// Writes the full order row and w (n_used values); x may be in shared or global memory. A whole block.
+HL_DEV void moe_route(const float* x, i32* orow, float* w, int n_exp, int n_used, int norm, float cmin,
+                      float cmax, float* sv, int* so, float* scratch) {
     float mx = -f32_inf();
     for (int i = threadIdx.x; i < n_exp; i += blockDim.x) mx = fmaxf(mx, x[i]);
     mx = block_max(mx, scratch);
@@ -80,7 +73,6 @@ extern "C" __global__ void __launch_bounds__(1024) k_moe_router(const u8* logits
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
     for (int i = threadIdx.x; i < n_exp; i += blockDim.x) sv[i] *= inv;
     __syncthreads();
-    i32* orow = (i32*)(order + t * nbo1);
     for (int i = threadIdx.x; i < n_exp; i += blockDim.x) {
         const float v = sv[i];
         int rank = 0;
@@ -90,12 +82,75 @@ extern "C" __global__ void __launch_bounds__(1024) k_moe_router(const u8* logits
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        float* w = (float*)(wout + t * nbw1);
         float s = 0.0f;
         for (int e = 0; e < n_used; e++) s += sv[so[e]];
         const float c = fminf(fmaxf(s, cmin), cmax);
         for (int e = 0; e < n_used; e++) w[e] = norm ? sv[so[e]] / c : sv[so[e]];
     }
+}
+
+// The router above per token: one block per token, n_exp <= SORT_MAX.
+extern "C" __global__ void __launch_bounds__(1024) k_moe_router(const u8* logits, u8* order, u8* wout, int n_exp,
+                                                                int n_used, int n_tok, int norm, float cmin,
+                                                                float cmax, i64 nbl1, i64 nbo1, i64 nbw1) {
+    __shared__ float sv[SORT_MAX];
+    __shared__ int so[SORT_MAX];
+    __shared__ float scratch[HL_MAX_WARPS];
+    const i64 t = blockIdx.x + (i64)blockIdx.y * gridDim.x;
+    if (t >= n_tok) return;
+    moe_route((const float*)(logits + t * nbl1), (i32*)(order + t * nbo1), (float*)(wout + t * nbw1), n_exp,
+              n_used, norm, cmin, cmax, sv, so, scratch);
+}
+
+// Decode (one token): the router's f32 logits matvec (one warp per expert row, 16-byte loads; rows of K
+// floats at stride nba1) and the router in one launch. Each block writes its logits to `lg`; the last block
+// to finish (counted in `cnt`, zero before and after) routes. grid ceil(n_exp / warps per block).
+#define ROUTER_MV_MAX 1024  // most experts of the fused decode router (three arrays in shared memory)
+extern "C" __global__ void __launch_bounds__(256) k_moe_router_mv(const u8* a, const u8* x, float* lg, int* cnt,
+                                                                 u8* order, u8* wout, int K, i64 nba1, int n_exp,
+                                                                 int n_used, int norm, float cmin, float cmax) {
+    __shared__ float sv[ROUTER_MV_MAX];
+    __shared__ int so[ROUTER_MV_MAX];
+    __shared__ float sx[ROUTER_MV_MAX];
+    __shared__ float scratch[HL_MAX_WARPS];
+    __shared__ int s_last;
+    const int lane = threadIdx.x % HL_WARP, warp = threadIdx.x / HL_WARP;
+    const int m = blockIdx.x * (blockDim.x / HL_WARP) + warp;
+    if (m < n_exp) {
+        const float4* ar = (const float4*)(a + m * nba1);
+        const float4* xr = (const float4*)x;
+        float acc = 0.0f;
+#pragma unroll 4
+        for (int i = lane; i < K / 4; i += HL_WARP) {
+            const float4 u = ar[i], v = xr[i];
+            acc += u.x * v.x + u.y * v.y + u.z * v.z + u.w * v.w;
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) lg[m] = acc;
+    }
+#if !defined(HL_HOST_EMU)
+    __threadfence();
+#endif
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int ticket = atomicAdd(cnt, 1);
+        s_last = ticket == (int)gridDim.x - 1;
+        if (s_last) *cnt = 0;
+    }
+    __syncthreads();
+    if (!s_last) return;
+#if !defined(HL_HOST_EMU)
+    __threadfence();
+#endif
+    for (int i = threadIdx.x; i < n_exp; i += blockDim.x) {
+#if defined(HL_CUDA)
+        sx[i] = __ldcg(lg + i);
+#else
+        sx[i] = *(const volatile float*)(lg + i);
+#endif
+    }
+    __syncthreads();
+    moe_route(sx, (i32*)order, (float*)wout, n_exp, n_used, norm, cmin, cmax, sv, so, scratch);
 }
 
 // out[m, t] = sum_e w[0, e, t] * ex[m, e, t] (+ r[m, t]): the MoE expert results weighted by the router and

@@ -65,6 +65,7 @@ class CupyRuntime:
         self.device.use()
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.warp = int(self.device.attributes.get("WarpSize", 32))
+        self.n_sm = int(self.device.attributes.get("MultiProcessorCount", 132))  # sizes split-key grids
         self.is_hip = bool(runtime.is_hip)
         self.name = f"{'ROCm' if self.is_hip else 'CUDA'}{device}"
         self.kernels = CupyKernels(self.warp)

@@ -20,6 +20,10 @@ from .gguf_file import GGUFFile, TensorInfo
 
 # Offsets are aligned to a cache line even when the backend needs less: vectorized kernels prefer it.
 MIN_ALIGNMENT = 64
+# A tensor's memory is reused only this many nodes after its last reader: a GPU launch fusing a chain of
+# nodes (up to ~10 for a MoE expert sum) reads inputs later than the chain's first node did, and may not
+# fuse when an output of the chain took such an input's memory (cupy_ops/fusion.py).
+REUSE_LAG = 16
 
 
 class AllocError(RuntimeError):
@@ -105,7 +109,7 @@ def plan_tensors(leafs: Sequence[Tensor], nodes: Sequence[Tensor], alignment: in
     frees: dict[int, list[Tensor]] = {}
     for key, t in needs.items():
         if not t.flags & TensorFlag.OUTPUT and key in last_use and key not in kept:
-            frees.setdefault(last_use[key], []).append(t)
+            frees.setdefault(min(last_use[key] + REUSE_LAG, len(nodes) - 1), []).append(t)
     fl = _FreeList(alignment)
     offsets: dict[int, int] = {}
     for t in leafs:

@@ -98,6 +98,7 @@ def compute_estimate(hp: object, n_ubatch: int, n_kv: int, flash_attn: bool) -> 
     layer = 4 * T * (3 * E + 2 * q + k + v + 3 * ff) + 2 * T * n_kv * 2   # + masks and indices
     if not flash_attn:
         layer += 2 * 4 * T * n_kv * g("n_head")
+    layer *= 2  # memory is reused only some nodes after its last reader (alloc.REUSE_LAG)
     master = 4 * T * 3 * E + 4 * g("n_vocab") + 4 * E
     return layer, master
 

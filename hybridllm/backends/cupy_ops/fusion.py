@@ -1,13 +1,15 @@
 """Launch fusion for the GPU backend: patterns of a decoder graph that run as one kernel.
 
     RMS_NORM -> MUL(w) [-> q8 copy]                       k_norm
-    RMS_NORM -> MUL(w) -> ROPE [-> view -> SET_ROWS]      k_norm_rope (Q/K norm, rope, KV-cache store)
+    RMS_NORM -> MUL(w) -> ROPE [-> view -> SET_ROWS]      k_norm_rope (Q/K norm, rope, KV-cache store);
+                                                          two in a row that are independent: k_norm_rope2
     MUL_MAT x {1..3} sharing src1 [-> view -> SET_ROWS]   mmvq (Q/K/V; V straight into the cache)
     MUL_MAT -> ADD(residual)                              mmvq with residual
     MUL_MAT gate, MUL_MAT up -> GLU                       mmvq_glu (+ q8 copy for the down projection)
     MUL_MAT_ID gate, up -> GLU                            mmvq_id_glu
     MUL_MAT_ID down -> MUL(router weights) -> views -> ADD chain [-> ADD residual]   mmvq_id_sum
     SOFT_MAX -> ARGSORT, GET_ROWS(top k) [-> SUM_ROWS -> CLAMP -> DIV]                 k_moe_router
+    the same after MUL_MAT(f32 router weight, one token)                                k_moe_router_mv
     MUL(expert results, weights) -> views -> ADD chain [-> ADD residual] (prefill)      k_moe_wsum
 
 A group's launch replaces all its members and runs at the position of one of them (`at`): the last member
@@ -18,6 +20,7 @@ writes (`Graph.safe`).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -26,6 +29,10 @@ from ...ggml.types import VIEW_OPS, GGMLOp, GGMLType, GluOp, TensorFlag
 from .common import BuildCtx, storage_key
 from .mmvq import (MatOut, build_mmvq, build_mmvq_glu, build_mmvq_id_glu, build_mmvq_id_sum, mmvq_id_ok, mmvq_ok,
                    q8_cacheable)
+
+# measurement switches (bench/gpu_run.sh): HYBRIDLLM_FUSE_OFF=pair,router_mv
+_OFF = set(os.environ.get("HYBRIDLLM_FUSE_OFF", "").split(","))
+_PAIRS, _ROUTER_MV = "pair" not in _OFF, "router_mv" not in _OFF
 
 _GLU_FUSED = {GluOp.REGLU, GluOp.GEGLU, GluOp.SWIGLU, GluOp.SWIGLU_OAI, GluOp.GEGLU_ERF, GluOp.GEGLU_QUICK,
               GluOp.SWIGLU_CLAMP}
@@ -39,6 +46,12 @@ class Group:
     at: Tensor
     build: Callable[[BuildCtx], list]
     io: list[tuple[Tensor, list, list]] = field(default_factory=list)
+    rowwise: bool = False  # the kernel reads each row's inputs before writing that row (in place is safe)
+    pairable: bool = False  # one launch that may share a launch with the next such group (k_norm_rope2)
+
+    @property
+    def reads(self) -> list[Tensor]:
+        return [t for _, r, _ in self.io for t in r if t is not None]
 
     @property
     def writes(self) -> list[Tensor]:
@@ -104,7 +117,10 @@ class Graph:
     def safe(self, g: Group) -> bool:
         """Running g at g.at keeps every byte each node sees (see the module docstring): for each member, the
         nodes between its own position and g.at neither write what it reads or writes nor read what it
-        writes, and its inputs are computed before g.at."""
+        writes, and its inputs are computed before g.at; and what the fused launch writes overlaps nothing
+        it reads (see _inplace)."""
+        if not _disjoint_io(g):
+            return False
         p_at = self.pos[id(g.at)]
         ids = {id(m) for m in g.members}
         for m, reads, writes in g.io:
@@ -127,6 +143,22 @@ class Graph:
                 if wr and any(_overlap(_range(s), r) for s in n.src if s is not None for r in wr):
                     return False
         return True
+
+
+def _disjoint_io(g: Group) -> bool:
+    """The allocator may give a member's output the memory of an input an earlier member read last, which
+    unfused execution tolerates but one launch reading and writing both does not. Allowed: an output on
+    exactly the bytes of an input read by the same member (an elementwise epilogue such as the residual), or
+    by any member of a row-wise kernel."""
+    reads = [(m, _range(t)) for m, rs, _ in g.io for t in rs if t is not None]
+    writes = [(m, _range(t)) for m, _, ws in g.io for t in ws if t is not None]
+    for i, (mw, w) in enumerate(writes):
+        for mr, r in reads:
+            if _overlap(w, r) and not (w == r and (g.rowwise or mr is mw)):
+                return False
+        if any(_overlap(w, w2) for _, w2 in writes[i + 1:]):
+            return False
+    return True
 
 
 def _range(t: Tensor) -> tuple[int, int, int]:
@@ -158,10 +190,12 @@ def match_norm(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
         if store is not None:
             return Group([n, mul, rope, store], store, lambda c: build_norm_rope(n, mul, rope, c, store),
                          [(n, [x], []), (mul, [w], []), (rope, [rope.src[1], rope.src_at(2)], []),
-                          (store, [store.src[1]], [store])])
+                          (store, [store.src[1]], [store])], rowwise=True, pairable=True)
         return Group([n, mul, rope], rope, lambda c: build_norm_rope(n, mul, rope, c),
-                     [(n, [x], []), (mul, [w], []), (rope, [rope.src[1], rope.src_at(2)], [rope])])
-    return Group([n, mul], mul, lambda c: build_rms_norm_mul(n, mul, c), [(n, [x], []), (mul, [w], [mul])])
+                     [(n, [x], []), (mul, [w], []), (rope, [rope.src[1], rope.src_at(2)], [rope])], rowwise=True,
+                     pairable=True)
+    return Group([n, mul], mul, lambda c: build_rms_norm_mul(n, mul, c), [(n, [x], []), (mul, [w], [mul])],
+                 rowwise=True)
 
 
 def _norm_mul_ok(n: Tensor, mul: Tensor) -> bool:
@@ -321,8 +355,14 @@ def match_moe_wsum(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
 def match_moe_router(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
     """llama.cpp's softmax MoE gating: SOFT_MAX(logits) read by ARGSORT(desc) and by GET_ROWS(probs as
     (1, n_exp, T), first n_used of the order) [-> SUM_ROWS -> CLAMP -> DIV(weights, sum)]."""
-    from .reduce import SORT_MAX, build_moe_router
+    from .reduce import SORT_MAX, build_moe_router, build_moe_router_mv, router_mv_ok
 
+    mm = None
+    if n.op == GGMLOp.MUL_MAT and _ROUTER_MV:  # decode: anchored on the logits matvec, which joins the launch
+        rd = g.readers(n)
+        if len(rd) != 1 or rd[0].op != GGMLOp.SOFT_MAX or g.is_output(n) or not router_mv_ok(n, ctx):
+            return None
+        mm, n = n, rd[0]
     if n.op != GGMLOp.SOFT_MAX or n.src_at(1) is not None or n.src_at(2) is not None or g.is_output(n):
         return None
     logits = n.src[0]
@@ -356,8 +396,16 @@ def match_moe_router(g: Graph, n: Tensor, ctx: BuildCtx) -> Group | None:
             norm, clamp = div, cl_rd[0]
             members += [sr, clamp, div]
             out = div
-    return Group(members, members[-1], lambda c: build_moe_router(c, n, srt, gr, norm, clamp),
-                 [(n, [logits], []), (srt, [], [srt]), (members[-1], [], [out])])
+    io = [(n, [logits], []), (srt, [], [srt]), (members[-1], [], [out])]
+    if mm is not None:
+        if mm is not logits:
+            return None
+        a, b = mm.src[0], mm.src[1]
+        return Group([mm, *members], members[-1],
+                     lambda c: build_moe_router_mv(c, mm, n, srt, gr, norm, clamp),
+                     [(mm, [a, b], []), *io[1:]])
+    return Group(members, members[-1], lambda c: build_moe_router(c, n, srt, gr, norm, clamp), io,
+                 rowwise=True)
 
 
 def _other_operand(add: Tensor, t: Tensor) -> Tensor | None:
@@ -456,6 +504,7 @@ def plan(nodes: Sequence[Tensor], run: Sequence[Tensor], ctx: BuildCtx,
             ctx.q8_wanted.add(storage_key(n.src[1]))
     claimed: dict[int, Group | None] = {}
     launches: list = []
+    last: Group | None = None  # the group of launches[-1], when pairable
     for n in run:
         grp = claimed.get(id(n), False)
         if grp is False:
@@ -467,13 +516,41 @@ def plan(nodes: Sequence[Tensor], run: Sequence[Tensor], ctx: BuildCtx,
             continue  # runs at another member's position
         before = set(map(id, ctx.q8.values()))
         if grp:
-            launches += grp.build(ctx)
+            built = grp.build(ctx)
+            pair = _pair(ctx, launches[-1], built[0]) if (grp.pairable and last is not None and len(built) == 1
+                                                          and _independent(last, grp) and _PAIRS) else None
+            if pair is not None:
+                launches[-1] = pair
+                last = None
+            else:
+                launches += built
+                last = grp if grp.pairable and len(built) == 1 else None
             written = grp.writes
         else:
             launches += build_one(n, ctx)
             written = [n]
+            last = None
         q8_invalidate(ctx, written, [v for v in ctx.q8.values() if id(v) not in before])
     return launches
+
+
+def _independent(a: Group, b: Group) -> bool:
+    """Whether b may run alongside a: neither writes what the other reads or writes."""
+    wa, wb = [_range(t) for t in a.writes], [_range(t) for t in b.writes]
+    ra, rb = [_range(t) for t in a.reads], [_range(t) for t in b.reads]
+    return not any(_overlap(w, x) for w in wa for x in rb + wb) and not any(_overlap(w, x) for w in wb for x in ra)
+
+
+def _pair(ctx: BuildCtx, a, b):
+    """Two k_norm_rope launches as one k_norm_rope2 launch (a's blocks first), or None."""
+    import numpy as np
+
+    from ..cupy_backend import Launch
+
+    na, nb = a.grid[0] * a.grid[1], b.grid[0] * b.grid[1]
+    if a.block != b.block or a.smem or b.smem or na + nb > 65535 or a.grid[2] != 1 or b.grid[2] != 1:
+        return None
+    return Launch(ctx.fn("norm", "k_norm_rope2"), (na + nb, 1, 1), a.block, (*a.args, *b.args, np.int32(na)), 0)
 
 
 def _match(g: Graph, n: Tensor, ctx: BuildCtx, claimed: dict) -> Group | None:

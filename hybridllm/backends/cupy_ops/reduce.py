@@ -59,6 +59,46 @@ def build_moe_router(ctx: BuildCtx, sm: Tensor, order: Tensor, wts: Tensor, norm
     return [launch(ctx.fn("reduce", "k_moe_router"), (gx, gy), (elem_threads(n_exp, ctx.warp),), args)]
 
 
+ROUTER_MV_MAX, ROUTER_MV_THREADS = 1024, 256  # kernels/reduce.cu k_moe_router_mv
+
+
+def router_mv_ok(mm: Tensor, ctx: BuildCtx) -> bool:
+    """MUL_MAT(f32 router weight, one f32 column) that k_moe_router_mv computes with 16-byte loads."""
+    a, b = mm.src_at(0), mm.src_at(1)
+    if mm.op != GGMLOp.MUL_MAT or a is None or b is None or a.buffer is None or b.buffer is None:
+        return False
+    if a.type != GGMLType.F32 or b.type != GGMLType.F32 or mm.type != GGMLType.F32:
+        return False
+    K, n_exp = a.ne[0], a.ne[1]
+    if a.ne[2:] != (1, 1) or b.ne != (K, 1, 1, 1) or mm.ne != (n_exp, 1, 1, 1) or n_exp > ROUTER_MV_MAX:
+        return False
+    if a.nb[0] != 4 or b.nb[0] != 4 or K % 4:
+        return False
+    try:
+        return (int(ctx.ptr(a)) | int(ctx.ptr(b)) | a.nb[1]) % 16 == 0
+    except Exception:
+        return False
+
+
+def build_moe_router_mv(ctx: BuildCtx, mm: Tensor, sm: Tensor, order: Tensor, wts: Tensor,
+                        norm: Tensor | None, clamp: Tensor | None):
+    """Decode: the router logits matvec and the router (build_moe_router) in one launch; the logits go to
+    scratch memory, never to the MUL_MAT's tensor (skipped: the softmax was its only reader)."""
+    from .common import F32, I64, P
+
+    a, b = src(mm, 0), src(mm, 1)
+    K, n_exp = a.ne[0], a.ne[1]
+    n_used = wts.ne[1]
+    out = norm if norm is not None else wts
+    cmin, cmax = (clamp.param_f32(0), clamp.param_f32(1)) if clamp is not None else (0.0, 0.0)
+    lg, cnt = ctx.scratch(4 * n_exp), ctx.scratch(4)
+    ctx.backend.rt.memset(cnt, 0, 4)  # the last block leaves it zero again
+    rows = ROUTER_MV_THREADS // ctx.warp
+    args = (ctx.ptr(a), ctx.ptr(b), P(lg), P(cnt), ctx.ptr(order), ctx.ptr(out), I32(K), I64(a.nb[1]),
+            I32(n_exp), I32(n_used), I32(norm is not None), F32(cmin), F32(cmax))
+    return [launch(ctx.fn("reduce", "k_moe_router_mv"), ((n_exp + rows - 1) // rows,), (ROUTER_MV_THREADS,), args)]
+
+
 def build_moe_wsum(ctx: BuildCtx, ex: Tensor, w: Tensor, out: Tensor, res: Tensor | None):
     """out = sum over slots of router weight x expert result (+ residual): MUL -> views -> ADD chain."""
     from .common import I64, NULL
