@@ -348,6 +348,12 @@ HL_DEV void flash_attn_decode(const u8* q, const u8* k, const u8* v, const u8* m
     __shared__ int s_last;
     const int split = blockIdx.x, hg = blockIdx.y, s = blockIdx.z, t = threadIdx.x;
     const int h0 = hg * nr;
+    const u8* kb = k + (h0 / rk2) * nbk2 + (s / rk3) * nbk3;
+    const u8* vb = v + (h0 / rv2) * nbv2 + (s / rv3) * nbv3;
+    const i64 mo = (s % nm3) * nbm3;
+    const int j_begin = split * tiles_per_split * FAD_TILE, j_end = min(n_kv, j_begin + tiles_per_split * FAD_TILE);
+    Tile cur;  // the first tile's loads go out before Q is staged: the two memory trips overlap
+    cur.load(kb, vb, mask, mask_type, nm2, nbm2, mo, h0, nr, D, Dv, nbk1, nbv1, j_begin, j_end, t);
     for (int e = t; e < FAD_R * MAXD; e += FAD_NT) {
         const int r = e / MAXD, d = e % MAXD;
         sq[r][d] = r < nr && d < D ? ((const float*)(q + (h0 + r) * nbq2 + s * nbq3))[d] : 0.0f;
@@ -361,9 +367,6 @@ HL_DEV void flash_attn_decode(const u8* q, const u8* k, const u8* v, const u8* m
                                 : 1.0f;
     }
     __syncthreads();
-    const u8* kb = k + (h0 / rk2) * nbk2 + (s / rk3) * nbk3;
-    const u8* vb = v + (h0 / rv2) * nbv2 + (s / rv3) * nbv3;
-    const i64 mo = (s % nm3) * nbm3;
     const int kk = t / FAD_TPK, kp = t % FAD_TPK;
     const int g = t % NG, ks = t / NG;
     float acc[FAD_R][8];
@@ -371,10 +374,8 @@ HL_DEV void flash_attn_decode(const u8* q, const u8* k, const u8* v, const u8* m
     for (int r = 0; r < FAD_R; r++)
 #pragma unroll
         for (int i = 0; i < 8; i++) acc[r][i] = 0.0f;
-    const int j_begin = split * tiles_per_split * FAD_TILE, j_end = min(n_kv, j_begin + tiles_per_split * FAD_TILE);
     for (int c0 = j_begin; c0 < j_end; c0 += FAD_TILE) {
-        Tile cur;
-        cur.load(kb, vb, mask, mask_type, nm2, nbm2, mo, h0, nr, D, Dv, nbk1, nbv1, c0, j_end, t);
+        if (c0 > j_begin) cur.load(kb, vb, mask, mask_type, nm2, nbm2, mo, h0, nr, D, Dv, nbk1, nbv1, c0, j_end, t);
         float dot[FAD_R];
 #pragma unroll
         for (int r = 0; r < FAD_R; r++) dot[r] = 0.0f;
@@ -521,23 +522,23 @@ HL_DEV void flash_attn_decode(const u8* q, const u8* k, const u8* v, const u8* m
                 if (oq) q8_quantize4x8(o, lane, ok, oq + off / 4 + d, od + (off / 4 + d) / 32);
             }
         }
-        return;
-    }
-    for (int r = 0; r < nr; r++) {
-        const i64 off = (h0 + r) * nbd1 + s * nbd3;
-        float* out = (float*)(dst + off);
-        const i64 flat = off / 4;
-        for (int d0 = 0; d0 < Dv; d0 += FAD_NT) {  // uniform trip count: q8 shuffles
-            const int d = d0 + t;
-            const bool ok = d < Dv;
-            float o = 0.0f;
-            if (ok) {
+    } else {
+        for (int r = 0; r < nr; r++) {
+            const i64 off = (h0 + r) * nbd1 + s * nbd3;
+            float* out = (float*)(dst + off);
+            const i64 flat = off / 4;
+            for (int d0 = 0; d0 < Dv; d0 += FAD_NT) {  // uniform trip count: q8 shuffles
+                const int d = d0 + t;
+                const bool ok = d < Dv;
+                float o = 0.0f;
+                if (ok) {
 #pragma unroll 8
-                for (int w = 0; w < n_split; w++) o += sMw[w * FAD_R + r] * ld_cg(pv + (w * FAD_R + r) * MAXD + d);
-                o *= sl[r];
-                out[d] = o;
+                    for (int w = 0; w < n_split; w++) o += sMw[w * FAD_R + r] * ld_cg(pv + (w * FAD_R + r) * MAXD + d);
+                    o *= sl[r];
+                    out[d] = o;
+                }
+                if (oq) q8_quantize32(o, t & 31, ok, oq + flat + (d & ~31), od + (flat + d) / 32);
             }
-            if (oq) q8_quantize32(o, t & 31, ok, oq + flat + (d & ~31), od + (flat + d) / 32);
         }
     }
 }

@@ -13,8 +13,10 @@
 #include "q8.cuh"
 
 #define MMV_WARPS 4                                  // rows per block of the plain kernels
-#define GLU_WARPS (HL_WARP == 32 ? 32 : 1024 / HL_WARP)  // warps per block of the 32-row kernels
+#define GLU_WARPS (1024 / 2 / HL_WARP)                // warps per block of the 32-row kernels: two rows
+                                                     // per warp (512 threads: an H100 holds 4 blocks)
 #define GLU_RPW (32 / GLU_WARPS)                     // rows per warp there
+#define ID_CHUNK 8                                   // experts whose loads mmvq_id_sum issues together
 
 extern "C" __global__ void __launch_bounds__(256) k_quantize_q8(const u8* x, i8* q, float* d, int K, int ne1,
                                                                 int ne2, int ne3, i64 nb1, i64 nb2, i64 nb3) {
@@ -95,6 +97,11 @@ HL_DEV void mmvq(const u8* A0, const u8* A1, const u8* A2, u8* D0, u8* D1, u8* D
     const int n0 = blockIdx.y * NC, nc = min(NC, N - n0);
     const int i12 = blockIdx.z % ne12, i13 = blockIdx.z / ne12;
     const i64 col0 = n0 + (i64)N * blockIdx.z;
+    float res[NC];  // the residual, loaded before the row so that its memory trip overlaps
+#pragma unroll
+    for (int c = 0; c < NC; c++)
+        res[c] = j == 0 && R && threadIdx.x == 0 && c < nc
+                     ? *(const float*)(R + m * 4 + (n0 + c) * nbr1 + i12 * nbr2 + i13 * nbr3) : 0.0f;
     float acc[NC];
     vq_row<V, NC>(A + m * nb01 + (i12 / r2) * nb02 + (i13 / r3) * nb03, K, xq + col0 * K, xd + col0 * (K >> 5),
                   nc, acc);
@@ -109,7 +116,7 @@ HL_DEV void mmvq(const u8* A0, const u8* A1, const u8* A2, u8* D0, u8* D1, u8* D
         if (c >= nc) break;
         const int n = n0 + c;
         float v = acc[c];
-        if (j == 0 && R) v += *(const float*)(R + m * 4 + n * nbr1 + i12 * nbr2 + i13 * nbr3);
+        if (j == 0 && R) v += res[c];
         u8* d = D + (I ? row_index(I, idx64, n) : (i64)n) * nbd;
         if (f16) ((u16*)d)[m] = f32_to_f16(v);
         else ((float*)d)[m] = v;
@@ -207,28 +214,37 @@ HL_DEV void mmvq_id_sum(const u8* A, const i8* xq, const float* xd, const u8* id
     const int m = blockIdx.x * MMV_WARPS + threadIdx.y, t = blockIdx.y;
     if (m >= M) return;
     const int nunits = K / V::QK * V::UPB;
+    const float res = R && threadIdx.x == 0 ? *(const float*)(R + m * 4 + t * nbr1) : 0.0f;
     float acc = 0.0f;
-    for (int e = 0; e < n_used; e++) {
-        const int ex = expert_of(ids, nbi0, nbi1, e, t, n_expert, err, code);
-        if (ex < 0) continue;  // uniform
-        const i64 col = (e % ne11) + (i64)ne11 * t;
-        const i8* x = xq + col * K;
-        const float* xs = xd + col * (K >> 5);
-        const u8* row = A + m * nb01 + ex * nb02;
-        float s = 0.0f;
-#pragma unroll 2
-        for (int u = threadIdx.x; u < nunits; u += HL_WARP) {
-            typename V::W w;
-            V::load(row, u, w);
-            s += V::dot(w, x, xs);
+    // ID_CHUNK experts at a time: their ids and weights, then their rows, each set of loads in flight together
+    for (int e0 = 0; e0 < n_used; e0 += ID_CHUNK) {
+        int ex[ID_CHUNK];
+        float we[ID_CHUNK];
+#pragma unroll
+        for (int i = 0; i < ID_CHUNK; i++) {
+            const int e = e0 + i;
+            ex[i] = e < n_used ? expert_of(ids, nbi0, nbi1, e, t, n_expert, err, code) : -1;
+            we[i] = e < n_used ? *(const float*)(W + e * nbw1 + t * nbw2) : 0.0f;
         }
-        acc += *(const float*)(W + e * nbw1 + t * nbw2) * s;
+#pragma unroll
+        for (int i = 0; i < ID_CHUNK; i++) {
+            if (ex[i] < 0) continue;  // uniform
+            const i64 col = (e0 + i) % ne11 + (i64)ne11 * t;
+            const i8* x = xq + col * K;
+            const float* xs = xd + col * (K >> 5);
+            const u8* row = A + m * nb01 + ex[i] * nb02;
+            float s = 0.0f;
+#pragma unroll 2
+            for (int u = threadIdx.x; u < nunits; u += HL_WARP) {
+                typename V::W w;
+                V::load(row, u, w);
+                s += V::dot(w, x, xs);
+            }
+            acc += we[i] * s;
+        }
     }
     acc = warp_sum(acc);
-    if (threadIdx.x == 0) {
-        if (R) acc += *(const float*)(R + m * 4 + t * nbr1);
-        *(float*)(D + m * 4 + t * nbd1) = acc;
-    }
+    if (threadIdx.x == 0) *(float*)(D + m * 4 + t * nbd1) = acc + res;
 }
 
 #define MMVQ_ARGS                                                                                          \

@@ -31,7 +31,7 @@ extern "C" __global__ void __launch_bounds__(1024) k_norm(
     const u8* wr = w ? w + (i1 % nw1) * nbw1 + (i2 % nw2) * nbw2 + (i3 % nw3) * nbw3 : nullptr;
 
     // a row of up to NORM_EPT * blockDim.x values stays in registers (one read of x); longer rows re-read it
-    float xv[NORM_EPT];
+    float xv[NORM_EPT], wv[NORM_EPT];  // with the weights, loaded before the reductions wait on memory
     const bool cached = ne0 <= NORM_EPT * (int)blockDim.x;
     float mean = 0.0f;
     if (cached) {
@@ -39,6 +39,7 @@ extern "C" __global__ void __launch_bounds__(1024) k_norm(
         for (int k = 0; k < NORM_EPT; k++) {
             const int i = threadIdx.x + k * blockDim.x;
             xv[k] = i < ne0 ? xr[i] : 0.0f;
+            wv[k] = wr && i < ne0 ? *(const float*)(wr + (i % nw0) * nbw0) : 1.0f;
         }
     }
     if (kind == N_NORM) {
@@ -75,16 +76,16 @@ extern "C" __global__ void __launch_bounds__(1024) k_norm(
         const bool ok = i < ne0;
         float v = 0.0f;
         if (ok) {
-            float x = 0.0f;
+            float x = 0.0f, wk = 1.0f;
             if (cached) {
 #pragma unroll
                 for (int kk = 0; kk < NORM_EPT; kk++)
-                    if (kk == k) x = xv[kk];  // constant register index after unrolling
+                    if (kk == k) x = xv[kk], wk = wv[kk];  // constant register index after unrolling
             } else {
                 x = xr[i];
+                if (wr) wk = *(const float*)(wr + (i % nw0) * nbw0);
             }
-            v = (x - mean) * scale;
-            if (wr) v *= *(const float*)(wr + (i % nw0) * nbw0);
+            v = (x - mean) * scale * wk;
             dr[i] = v;
         }
         if (oq) q8_quantize32(v, threadIdx.x & 31, ok, oq + flat + (i & ~31), od + (flat + i) / 32);

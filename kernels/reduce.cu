@@ -71,12 +71,20 @@ HL_DEV void moe_route(const float* x, i32* orow, float* w, int n_exp, int n_used
     }
     sum = block_sum(sum, scratch);
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    for (int i = threadIdx.x; i < n_exp; i += blockDim.x) sv[i] *= inv;
+    const int n4 = (n_exp + 3) & ~3;
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) sv[i] = i < n_exp ? sv[i] * inv : bits_f32(0x7fc00000u);
     __syncthreads();
+    // rank = how many sort before: four values per shared load, several loads in flight (NaN padding to a
+    // multiple of 4 sorts after everything)
     for (int i = threadIdx.x; i < n_exp; i += blockDim.x) {
         const float v = sv[i];
         int rank = 0;
-        for (int j = 0; j < n_exp; j++) rank += sorts_before(sv[j], j, v, i, 1);
+#pragma unroll 8
+        for (int j = 0; j < n4; j += 4) {
+            const float4 q = *(const float4*)&sv[j];
+            rank += sorts_before(q.x, j, v, i, 1) + sorts_before(q.y, j + 1, v, i, 1) +
+                    sorts_before(q.z, j + 2, v, i, 1) + sorts_before(q.w, j + 3, v, i, 1);
+        }
         so[rank] = i;
         orow[rank] = i;
     }
@@ -93,7 +101,7 @@ HL_DEV void moe_route(const float* x, i32* orow, float* w, int n_exp, int n_used
 extern "C" __global__ void __launch_bounds__(1024) k_moe_router(const u8* logits, u8* order, u8* wout, int n_exp,
                                                                 int n_used, int n_tok, int norm, float cmin,
                                                                 float cmax, i64 nbl1, i64 nbo1, i64 nbw1) {
-    __shared__ float sv[SORT_MAX];
+    __shared__ __align__(16) float sv[SORT_MAX];
     __shared__ int so[SORT_MAX];
     __shared__ float scratch[HL_MAX_WARPS];
     const i64 t = blockIdx.x + (i64)blockIdx.y * gridDim.x;
@@ -109,7 +117,7 @@ extern "C" __global__ void __launch_bounds__(1024) k_moe_router(const u8* logits
 extern "C" __global__ void __launch_bounds__(256) k_moe_router_mv(const u8* a, const u8* x, float* lg, int* cnt,
                                                                  u8* order, u8* wout, int K, i64 nba1, int n_exp,
                                                                  int n_used, int norm, float cmin, float cmax) {
-    __shared__ float sv[ROUTER_MV_MAX];
+    __shared__ __align__(16) float sv[ROUTER_MV_MAX];
     __shared__ int so[ROUTER_MV_MAX];
     __shared__ float sx[ROUTER_MV_MAX];
     __shared__ float scratch[HL_MAX_WARPS];
@@ -120,8 +128,8 @@ extern "C" __global__ void __launch_bounds__(256) k_moe_router_mv(const u8* a, c
         const float4* ar = (const float4*)(a + m * nba1);
         const float4* xr = (const float4*)x;
         float acc = 0.0f;
-#pragma unroll 4
-        for (int i = lane; i < K / 4; i += HL_WARP) {
+#pragma unroll 16
+        for (int i = lane; i < K / 4; i += HL_WARP) {  // a 2048-wide row's loads all in flight at once
             const float4 u = ar[i], v = xr[i];
             acc += u.x * v.x + u.y * v.y + u.z * v.z + u.w * v.w;
         }

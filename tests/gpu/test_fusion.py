@@ -117,8 +117,8 @@ def test_decoder_layer(gpu, T, rng):
         assert_close(got, ref, rtol=3e-2, atol=3e-2 * np.abs(ref).max(), what=f"{what} vs numpy backend")
 
 
-def moe_ffn(T: int, rng, qtype=GGMLType.Q4_K):
-    E, FF, n_expert, n_used = 256, 64, 8, 4
+def moe_ffn(T: int, rng, qtype=GGMLType.Q4_K, n_expert: int = 8, n_used: int = 4):
+    E, FF = 256, 64
     gate_inp = (rng.standard_normal((n_expert, E)) * 0.3).astype(np.float32)
     up_w = random_blocks(qtype, n_expert * FF, E, rng, scale=0.05)
     gate_w = random_blocks(qtype, n_expert * FF, E, rng, scale=0.05)
@@ -185,6 +185,17 @@ def test_moe_ffn(gpu, T, rng):
         assert len(gpu.prepare(g.nodes).launches) == (10 if tensor_cores(gpu) else 5)
     (out, out_ref), (order, order_ref) = run_both(gpu, build)
     np.testing.assert_array_equal(order, order_ref)
+    assert_close(out, out_ref, rtol=3e-2, atol=3e-2 * np.abs(out_ref).max(), what="moe vs numpy backend")
+
+
+def test_moe_ffn_more_slots_than_a_chunk(gpu, rng):
+    """10 experts per token: the fused expert sum loads its experts 8 at a time (kernels/mmvq.cu ID_CHUNK)."""
+    build = moe_ffn(1, rng, n_expert=12, n_used=10)
+    fused, unfused, (n_fused, _) = run_twice(gpu, build)
+    np.testing.assert_array_equal(fused[1], unfused[1])
+    assert_close(fused[0], unfused[0], rtol=1e-4, atol=1e-4 * np.abs(unfused[0]).max(), what="fused vs unfused")
+    assert n_fused == 4, n_fused
+    (out, out_ref), _ = run_both(gpu, build)
     assert_close(out, out_ref, rtol=3e-2, atol=3e-2 * np.abs(out_ref).max(), what="moe vs numpy backend")
 
 
