@@ -256,7 +256,7 @@ HL_FA_KERNEL(512, 1, 4)
 #define FAD_NT 128   // threads per block
 #define FAD_TILE 32  // keys per tile (a sub-warp of 32 lanes reduces a tile's scores on any warp width)
 #define FAD_TPK 4    // threads scoring one key
-#define FAD_R 8      // most query heads per block
+#define FAD_R 4      // most query heads per block (more blocks beat reusing K/V across 8 heads at short contexts)
 #define FAD_MAX_SPLIT 64  // most key splits (cupy_ops/attention.py)
 
 HL_DEV void fence_device() {

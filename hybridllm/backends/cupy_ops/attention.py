@@ -1,6 +1,6 @@
 """FLASH_ATTN_EXT on the GPU (kernels/attention.cu).
 
-Decode (one query) over an aligned F16 cache runs `k_fad_*`: blocks of up to 8 query heads sharing a K/V
+Decode (one query) over an aligned F16 cache runs `k_fad_*`: blocks of up to 4 query heads sharing a K/V
 head, the keys split over blocks whose partials the last block merges. Otherwise one block per (QB queries,
 head, sequence): 8 warps and one query for decode, 4 warps and 8 (4 above head size 128) queries for prefill."""
 from __future__ import annotations
@@ -73,7 +73,7 @@ def build_flash_attn(node: Tensor, ctx: BuildCtx):
 
 
 FAD_NT, FAD_TILE = 128, 32  # kernels/attention.cu
-FAD_R = int(os.environ.get("HYBRIDLLM_FA_ROWS", 0)) or 8  # (override: measurements with an edited kernel copy)
+FAD_R = int(os.environ.get("HYBRIDLLM_FA_ROWS", 0)) or 4  # (override: measurements with an edited kernel copy)
 FAD_MAX_SPLIT = 64
 N_SM_DEFAULT = 132  # H100 SXM; only sizes the key split
 
