@@ -63,9 +63,11 @@ def tensor_role(name: str) -> tuple[str, int]:
 
 
 def model_costs(f: GGUFFile, hp: object, *, n_ctx: int, n_ubatch: int, type_k: GGMLType = GGMLType.F16,
-                type_v: GGMLType = GGMLType.F16, flash_attn: bool = True, kv_slots: int = 1) -> ModelCosts:
+                type_v: GGMLType = GGMLType.F16, flash_attn: bool = True, kv_slots: int = 1,
+                n_seq: int = 1) -> ModelCosts:
     """Per-layer weights (from the file's tensor directory) and KV cache (times `kv_slots` caches of
-    n_ctx cells each, e.g. a server's slots), and compute estimates."""
+    n_ctx cells each; a sliding-window ring shared by n_seq sequences holds each one's window), and compute
+    estimates."""
     n_layer: int = hp.n_layer  # type: ignore[attr-defined]
     weights = [0] * n_layer
     io = shared = 0
@@ -79,7 +81,7 @@ def model_costs(f: GGUFFile, hp: object, *, n_ctx: int, n_ubatch: int, type_k: G
             shared += info.nbytes
     size = pad(n_ctx)
     n_swa = getattr(hp, "n_swa", 0)
-    swa_size = pad(min(size, n_swa + n_ubatch)) if n_swa else size
+    swa_size = pad(min(size, n_swa * n_seq + n_ubatch)) if n_swa else size
     per_cell = row_size(type_k, hp.n_embd_k_gqa) + row_size(type_v, hp.n_embd_v_gqa)  # type: ignore[attr-defined]
     kv = [kv_slots * (swa_size if hp.is_swa(il) else size) * per_cell  # type: ignore[attr-defined]
           for il in range(n_layer)]

@@ -435,7 +435,7 @@ def load(path: str | Path, *, device: str | Backend = "cpu", n_ctx: int = 4096, 
             if workers or tensor_split is not None:
                 hp = cls.hparams_cls.from_gguf(f)
                 costs = model_costs(f, hp, n_ctx=n_ctx, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v,
-                                    flash_attn=flash_attn, kv_slots=kv_slots)
+                                    flash_attn=flash_attn, kv_slots=kv_slots, n_seq=n_seq_max)
                 placement = place(costs, [*workers, master], master, tensor_split,
                                   master_layers=not _is_host(master))
                 if log is not None:

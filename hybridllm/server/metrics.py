@@ -46,7 +46,8 @@ class ServerMetrics:
     t_start: float = field(default_factory=time.time)
 
     def record(self, stats: GenStats, busy_slots: int) -> None:
-        """Account one finished (or abandoned) generation."""
+        """Account one finished (or abandoned) generation. With continuous batching one decode call serves
+        several requests: the engine's own count (`decodes` of `registry`) then replaces their sum."""
         self.prompt_tokens += stats.n_prompt_processed
         self.prompt_tokens_cached += stats.n_cached
         self.prompt_seconds += stats.t_prompt_ms / 1e3
@@ -61,9 +62,11 @@ class ServerMetrics:
         b.n_predicted += stats.n_predicted
         b.t_predicted_s += stats.t_gen_ms / 1e3
 
-    def registry(self, processing: Callable[[], int], deferred: Callable[[], int]) -> CollectorRegistry:
+    def registry(self, processing: Callable[[], int], deferred: Callable[[], int],
+                 decodes: Callable[[], int | None] = lambda: None) -> CollectorRegistry:
+        """`decodes`: the engine's count of decode calls (ubatches), when it keeps one."""
         reg = CollectorRegistry(auto_describe=False)
-        reg.register(_Collector(self, processing, deferred))
+        reg.register(_Collector(self, processing, deferred, decodes))
         return reg
 
     def render(self, registry: CollectorRegistry) -> bytes:
@@ -73,11 +76,17 @@ class ServerMetrics:
 
 
 class _Collector(Collector):
-    def __init__(self, m: ServerMetrics, processing: Callable[[], int], deferred: Callable[[], int]) -> None:
-        self.m, self.processing, self.deferred = m, processing, deferred
+    def __init__(self, m: ServerMetrics, processing: Callable[[], int], deferred: Callable[[], int],
+                 decodes: Callable[[], int | None]) -> None:
+        self.m, self.processing, self.deferred, self.decodes = m, processing, deferred, decodes
 
     def collect(self) -> Iterator[Metric]:
         m, b = self.m, self.m.bucket
+        n_decode, busy = self.decodes(), m.n_busy_slots / max(m.n_decode, 1)
+        if n_decode is None:
+            n_decode = m.n_decode
+        else:  # each request counted the decode calls it took part in: their sum over the calls made
+            busy = m.n_decode / max(n_decode, 1)
         counters = [
             ("prompt_tokens_total", "Number of prompt tokens processed, excluding cached tokens", m.prompt_tokens),
             ("prompt_tokens_cached_total", "Number of prompt tokens reused from the cache",
@@ -85,7 +94,7 @@ class _Collector(Collector):
             ("prompt_seconds_total", "Total time spent processing prompts", m.prompt_seconds),
             ("tokens_predicted_total", "Number of generation tokens processed", m.tokens_predicted),
             ("tokens_predicted_seconds_total", "Total time spent generating tokens", m.tokens_predicted_seconds),
-            ("n_decode_total", "Total number of decode calls", m.n_decode),
+            ("n_decode_total", "Total number of decode calls", n_decode),
             ("requests_total", "Generation requests answered", m.requests),
             ("requests_failed_total", "Generation requests that failed or whose client went away",
              m.requests_failed),
@@ -98,8 +107,7 @@ class _Collector(Collector):
              b.n_predicted / b.t_predicted_s if b.t_predicted_s > 0 else 0.0),
             ("requests_processing", "Number of requests processing", self.processing()),
             ("requests_deferred", "Number of requests deferred", self.deferred()),
-            ("n_busy_slots_per_decode", "Average number of busy slots per decode call",
-             m.n_busy_slots / max(m.n_decode, 1)),
+            ("n_busy_slots_per_decode", "Average number of busy slots per decode call", busy),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"llamacpp:{name}", doc, value=value)

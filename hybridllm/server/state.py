@@ -40,8 +40,14 @@ class ServerState:
         self.slots: SlotManager | None = None
         self.metrics = ServerMetrics()
         self.registry = self.metrics.registry(lambda: self.slots.n_busy if self.slots else 0,
-                                              lambda: self.slots.n_waiting if self.slots else 0)
+                                              lambda: self.slots.n_waiting if self.slots else 0,
+                                              self._engine_decodes)
         self.t_start = time.time()
+
+    def _engine_decodes(self) -> int | None:
+        """Decode calls the engine made, when it counts them (one call may serve several slots)."""
+        stats = getattr(self.engine, "stats", None)
+        return getattr(stats, "ubatches", None)
 
     def set_engine(self, engine: Engine) -> None:
         self.slots = SlotManager(engine.n_slots, engine.info.n_ctx)

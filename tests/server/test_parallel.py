@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import aiohttp
 import pytest
 
-from srv_helpers import Serve, get, post, start_serve
+from srv_helpers import Serve, get, metrics, post, start_serve
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True, "return_tokens": True}
 PROMPTS = [[1, 17, 18, 19, 20], [1, 300, 301, 5, 6, 7, 8, 9, 10], [1, 44, 45]]
@@ -67,7 +67,9 @@ def _tokens(events: list[dict[str, Any]]) -> list[int]:
 
 def test_concurrent_streams_batch_and_match_parallel_1(server3: Serve, server: Serve) -> None:
     bodies = [{**GREEDY, "prompt": p, "n_predict": 40, "cache_prompt": False} for p in PROMPTS]
+    before = metrics(server3)
     runs = _concurrent(server3, bodies)
+    after = metrics(server3)
     for events in runs:
         assert events[-1]["stop"] is True and events[-1]["stop_type"] == "limit"
         assert len(_tokens(events)) == 40
@@ -78,6 +80,10 @@ def test_concurrent_streams_batch_and_match_parallel_1(server3: Serve, server: S
     assert len(slots) == 3
     for s in slots:   # each request shared ubatches with the others: the engine batched
         assert 0 < s["n_decode_batched"] <= s["n_decode"], s
+    # /metrics counts decode calls, not each request's share of them: fewer than the requests' sum
+    n_decode = after["llamacpp:n_decode_total"] - before["llamacpp:n_decode_total"]
+    assert max(s["n_decode"] for s in slots) <= n_decode < sum(s["n_decode"] for s in slots)
+    assert after["llamacpp:n_busy_slots_per_decode"] > 1
 
 
 def test_one_request_uses_more_than_its_share(small2: Serve) -> None:
