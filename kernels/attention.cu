@@ -298,6 +298,13 @@ HL_DEV void q8_quantize4x8(float4 v, int lane32, bool store, i8* q, float* d) {
     if (lane32 % 8 == 0) *d = sc;
 }
 
+HL_DEV void f16x8(uint4 w, float* out) {  // eight f16 values of one 16-byte load
+    f16x2(w.x, out);
+    f16x2(w.y, out + 2);
+    f16x2(w.z, out + 4);
+    f16x2(w.w, out + 6);
+}
+
 // One tile's loads: this thread's K slices (score phase), V rows (value phase) and mask values.
 template <int MAXD>
 struct FadTile {
@@ -382,10 +389,8 @@ HL_DEV void flash_attn_decode(const u8* q, const u8* k, const u8* v, const u8* m
 #pragma unroll
         for (int u = 0; u < KLD; u++) {
             const int e0 = 8 * (u * FAD_TPK + kp);
-            const u32 words[4] = {cur.kw[u].x, cur.kw[u].y, cur.kw[u].z, cur.kw[u].w};
             float kf[8];
-#pragma unroll
-            for (int i = 0; i < 4; i++) f16x2(words[i], kf + 2 * i);
+            f16x8(cur.kw[u], kf);
 #pragma unroll
             for (int r = 0; r < FAD_R; r++) {
                 const float4 qa = *(const float4*)&sq[r][e0], qb = *(const float4*)&sq[r][e0 + 4];
@@ -427,10 +432,8 @@ HL_DEV void flash_attn_decode(const u8* q, const u8* k, const u8* v, const u8* m
         }
 #pragma unroll
         for (int u = 0; u < KPT; u++) {
-            const u32 words[4] = {cur.vw[u].x, cur.vw[u].y, cur.vw[u].z, cur.vw[u].w};
             float vf[8];
-#pragma unroll
-            for (int i = 0; i < 4; i++) f16x2(words[i], vf + 2 * i);
+            f16x8(cur.vw[u], vf);
 #pragma unroll
             for (int r = 0; r < FAD_R; r++) {
                 const float p = ssc[r][ks + u * NKS];

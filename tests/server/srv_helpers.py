@@ -131,6 +131,24 @@ def sse_post(srv: Serve, path: str, obj: Any, timeout: float = 60.0) -> tuple[in
     return status, headers.get("Content-Type", ""), parse_sse(data) if status == 200 else [data.decode()]
 
 
+async def stream_events(session: Any, url: str, body: dict[str, Any],
+                        on_event: Any = None) -> list[dict[str, Any]]:
+    """A native /completion stream's events (an aiohttp session); on_event(event) as each arrives."""
+    events = []
+    async with session.post(url + "/completion", json={**body, "stream": True}) as resp:
+        assert resp.status == 200, await resp.text()
+        buf = b""
+        async for data in resp.content.iter_any():
+            buf += data
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                assert event.startswith(b"data: ")
+                events.append(json.loads(event[6:]))
+                if on_event is not None:
+                    on_event(events[-1])
+    return events
+
+
 def metrics(srv: Serve) -> dict[str, float]:
     """Sample name -> value from /metrics (parsed with prometheus_client's own text parser)."""
     status, headers, data = http("GET", srv.url + "/metrics")

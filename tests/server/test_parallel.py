@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import aiohttp
 import pytest
 
-from srv_helpers import Serve, get, metrics, post, start_serve
+from srv_helpers import Serve, get, metrics, post, start_serve, stream_events
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True, "return_tokens": True}
 PROMPTS = [[1, 17, 18, 19, 20], [1, 300, 301, 5, 6, 7, 8, 9, 10], [1, 44, 45]]
@@ -39,25 +38,10 @@ def small2(synth_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     srv.stop()
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """A native /completion stream's events."""
-    events = []
-    async with session.post(url + "/completion", json={**body, "stream": True}) as resp:
-        assert resp.status == 200, await resp.text()
-        buf = b""
-        async for data in resp.content.iter_any():
-            buf += data
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                assert event.startswith(b"data: ")
-                events.append(json.loads(event[6:]))
-    return events
-
-
 def _concurrent(srv: Serve, bodies: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     async def main() -> list[list[dict[str, Any]]]:
         async with aiohttp.ClientSession() as s:
-            return list(await asyncio.gather(*(_stream(s, srv.url, b) for b in bodies)))
+            return list(await asyncio.gather(*(stream_events(s, srv.url, b) for b in bodies)))
     return asyncio.run(main())
 
 
@@ -122,7 +106,7 @@ def test_prefix_reuse_and_rewind_beside_another_slot(server3: Serve) -> None:
 
     async def main() -> list[dict[str, Any]]:
         async with aiohttp.ClientSession() as s:
-            holder = asyncio.create_task(_stream(s, server3.url, {**GREEDY, "prompt": [1, 5], "n_predict": 900,
+            holder = asyncio.create_task(stream_events(s, server3.url, {**GREEDY, "prompt": [1, 5], "n_predict": 900,
                                                                  "cache_prompt": False}))
             out = []
             for prompt in (base, longer, other):

@@ -4,13 +4,12 @@ frees its place."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 import aiohttp
 
-from srv_helpers import Serve, get, metrics, post, wait_until
+from srv_helpers import Serve, get, metrics, post, stream_events, wait_until
 
 LONG = {"temperature": 0.0, "ignore_eos": True, "cache_prompt": False}
 
@@ -18,18 +17,7 @@ LONG = {"temperature": 0.0, "ignore_eos": True, "cache_prompt": False}
 async def _stream_events(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
                          log: list[tuple[str, float]], tag: str) -> list[dict[str, Any]]:
     """Read a native /completion stream, logging (tag, time) per event."""
-    out = []
-    async with session.post(url + "/completion", json={**body, "stream": True}) as resp:
-        assert resp.status == 200, await resp.text()
-        buf = b""
-        async for data in resp.content.iter_any():
-            buf += data
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                assert event.startswith(b"data: ")
-                out.append(json.loads(event[6:]))
-                log.append((tag, time.monotonic()))
-    return out
+    return await stream_events(session, url, body, lambda _: log.append((tag, time.monotonic())))
 
 
 async def _plain(session: aiohttp.ClientSession, url: str, body: dict[str, Any], done: list[str], tag: str
