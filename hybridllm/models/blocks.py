@@ -162,6 +162,18 @@ class HParams:
         return {fl.name: getattr(self, fl.name) for fl in fields(self)}
 
 
+@dataclass(kw_only=True)
+class NeoxHParams(HParams):
+    """The common hyper-parameters with NEOX rotary pairing over whole heads (qwen2, qwen3, qwen3moe)."""
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> NeoxHParams:
+        hp = cls(**cls.common(f, RopeMode.NEOX))
+        if hp.head_dim_k != hp.head_dim_v or hp.n_rot != hp.head_dim_k:
+            raise ModelError(f"{f.path}: {f.arch} needs head_dim_k == head_dim_v == n_rot")
+        return hp
+
+
 # ------------------------------------------------------------------------------------------------
 # model base
 

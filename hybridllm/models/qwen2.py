@@ -5,17 +5,12 @@ LLaMA's block with biases on the Q/K/V projections, NEOX rotary pairing, attenti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..engine.gguf_file import GGUFFile
 from ..ggml import ops
 from ..ggml.tensor import Tensor
-from ..ggml.types import RopeMode
 from .blocks import (
     GraphContext,
-    HParams,
     Model,
-    ModelError,
+    NeoxHParams,
     TensorSpec,
     dense_ffn_specs,
     inv_sqrtf,
@@ -24,14 +19,8 @@ from .blocks import (
 )
 
 
-@dataclass(kw_only=True)
-class Qwen2HParams(HParams):
-    @classmethod
-    def from_gguf(cls, f: GGUFFile) -> Qwen2HParams:
-        hp = cls(**cls.common(f, RopeMode.NEOX))
-        if hp.head_dim_k != hp.head_dim_v or hp.n_rot != hp.head_dim_k:
-            raise ModelError(f"{f.path}: qwen2 needs head_dim_k == head_dim_v == n_rot")
-        return hp
+class Qwen2HParams(NeoxHParams):
+    """qwen2: the NEOX-rope common set, nothing of its own."""
 
 
 class Qwen2(Model):

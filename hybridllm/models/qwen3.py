@@ -5,17 +5,12 @@ head_dim is independent of n_embd (e.g. 128 heads of a 1024-wide model).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ..engine.gguf_file import GGUFFile
 from ..ggml import ops
 from ..ggml.tensor import Tensor
-from ..ggml.types import RopeMode
 from .blocks import (
     GraphContext,
-    HParams,
     Model,
-    ModelError,
+    NeoxHParams,
     TensorSpec,
     dense_ffn_specs,
     inv_sqrtf,
@@ -24,14 +19,8 @@ from .blocks import (
 )
 
 
-@dataclass(kw_only=True)
-class Qwen3HParams(HParams):
-    @classmethod
-    def from_gguf(cls, f: GGUFFile) -> Qwen3HParams:
-        hp = cls(**cls.common(f, RopeMode.NEOX))
-        if hp.head_dim_k != hp.head_dim_v or hp.n_rot != hp.head_dim_k:
-            raise ModelError(f"{f.path}: {f.arch} needs head_dim_k == head_dim_v == n_rot")
-        return hp
+class Qwen3HParams(NeoxHParams):
+    """qwen3: the NEOX-rope common set, nothing of its own."""
 
 
 def qk_normed_attention(model: Model, ctx: GraphContext, il: int, cur: Tensor, pos: Tensor) -> Tensor:
