@@ -29,22 +29,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybridllm.rpc import protocol as P
+from hybridllm.rpc.transport import recv_exact
 
 KEEP_BYTES = 1 << 20          # frames larger than this are not even kept in memory
 STORE_BYTES = 64 << 10        # stored frames (after gzip) stay below this
 GZIP_ABOVE = 16 << 10
 PER_COMMAND = {"default": 2, "SET_TENSOR": 3, "GRAPH_COMPUTE": 2, "ALLOC_BUFFER": 4, "BUFFER_GET_BASE": 4}
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:], min(n - got, 1 << 20))
-        if k == 0:
-            return None
-        got += k
-    return bytes(buf)
 
 
 class Proxy:
@@ -81,20 +71,20 @@ class Proxy:
 
     def _c2s(self, conn: int, client: socket.socket, server: socket.socket, pending: deque, ready: Any) -> None:
         while True:
-            head = _recv_exact(client, 9)
+            head = recv_exact(client, 9)
             if head is None:
                 break
             cmd, size = struct.unpack("<BQ", head)
             keep = size <= KEEP_BYTES
             if keep:
-                payload = _recv_exact(client, size)
+                payload = recv_exact(client, size)
                 if payload is None:
                     break
                 server.sendall(head + payload)
                 msg = P.COMMANDS[cmd].request.decode(payload)
             else:  # stream big uploads through without keeping them
                 server.sendall(head)
-                hdr = _recv_exact(client, 512)
+                hdr = recv_exact(client, 512)
                 server.sendall(hdr)
                 left = size - 512
                 while left:
@@ -114,11 +104,11 @@ class Proxy:
 
     def _s2c(self, conn: int, client: socket.socket, server: socket.socket, pending: deque, ready: Any) -> None:
         while True:
-            head = _recv_exact(server, 8)
+            head = recv_exact(server, 8)
             if head is None:
                 break
             size, = struct.unpack("<Q", head)
-            payload = _recv_exact(server, size)
+            payload = recv_exact(server, size)
             if payload is None:
                 break
             client.sendall(head + payload)

@@ -76,6 +76,18 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """Exactly n bytes from a blocking socket, or None if the peer closed first (recording proxies)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], min(n - got, 1 << 22))
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
 def _nbytes(part: P.ByteLike) -> int:
     return part.nbytes if isinstance(part, memoryview) else len(part)
 

@@ -37,6 +37,7 @@ import numpy as np
 from ..ggml.types import VIEW_OPS, GGMLOp, TensorFlag, nbytes, type_name
 from ..rpc import protocol as P
 from ..rpc.client import RpcClient
+from ..rpc.transport import recv_exact
 
 _REC = struct.Struct("<IBBQ")      # conn, direction (0 request, 1 reply), cmd, payload size
 _REQ, _RSP = 0, 1
@@ -45,17 +46,6 @@ _COMPUTE = int(TensorFlag.COMPUTE)
 
 
 # --- recording ------------------------------------------------------------------------------------------------
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:], min(n - got, 1 << 22))
-        if k == 0:
-            return None
-        got += k
-    return bytes(buf)
-
 
 class RecordingProxy:
     """Forwards byte-exactly to `upstream` and appends every request and reply frame to `path`."""
@@ -87,11 +77,11 @@ class RecordingProxy:
     def _pump(self, conn: int, src: socket.socket, dst: socket.socket, head_size: int) -> None:
         """Requests (`u8 cmd | u64 size`) or replies (`u64 size`): whole frames, recorded, then forwarded."""
         while True:
-            head = _recv_exact(src, head_size)
+            head = recv_exact(src, head_size)
             if head is None:
                 break
             cmd, size = struct.unpack("<BQ", head) if head_size == 9 else (0xFF, struct.unpack("<Q", head)[0])
-            payload = _recv_exact(src, size)
+            payload = recv_exact(src, size)
             if payload is None:
                 break
             self._write(conn, _REQ if head_size == 9 else _RSP, cmd, payload)
