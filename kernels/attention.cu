@@ -259,28 +259,6 @@ HL_FA_KERNEL(512, 1, 4)
 #define FAD_R 4      // most query heads per block (more blocks beat reusing K/V across 8 heads at short contexts)
 #define FAD_MAX_SPLIT 64  // most key splits (cupy_ops/attention.py)
 
-HL_DEV void fence_device() {
-#if !defined(HL_HOST_EMU)
-    __threadfence();
-#endif
-}
-// Loads of what other blocks wrote in this launch (after fence_device): from L2, never a stale L1 line.
-HL_DEV float ld_cg(const float* p) {
-#if defined(HL_CUDA)
-    return __ldcg(p);
-#else
-    return *(const volatile float*)p;
-#endif
-}
-HL_DEV float4 ld_cg4(const float* p) {  // p 16-byte aligned
-#if defined(HL_CUDA)
-    return __ldcg((const float4*)p);
-#else
-    const volatile float* v = p;
-    return make_float4(v[0], v[1], v[2], v[3]);
-#endif
-}
-
 // q8 copy (kernels/q8.cuh layout) of 32 values held 4 per thread by 8 consecutive threads (of 32 aligned
 // ones): int8 values at q (the thread's 4), the block scale at *d.
 HL_DEV void q8_quantize4x8(float4 v, int lane32, bool store, i8* q, float* d) {
@@ -352,7 +330,6 @@ HL_DEV void flash_attn_decode(const u8* q, const u8* k, const u8* v, const u8* m
     __shared__ float ssc[FAD_R][FAD_TILE];
     __shared__ float sM[FAD_R], sS[FAD_R], sA[FAD_R], sl[FAD_R];
     __shared__ __align__(16) float sacc[NKS][FAD_R][8 * NG];
-    __shared__ int s_last;
     const int split = blockIdx.x, hg = blockIdx.y, s = blockIdx.z, t = threadIdx.x;
     const int h0 = hg * nr;
     const u8* kb = k + (h0 / rk2) * nbk2 + (s / rk3) * nbk3;
@@ -463,17 +440,7 @@ HL_DEV void flash_attn_decode(const u8* q, const u8* k, const u8* v, const u8* m
         pms[(split * FAD_R + t) * 2] = sM[t];
         pms[(split * FAD_R + t) * 2 + 1] = sS[t];
     }
-    fence_device();
-    __syncthreads();
-    if (t == 0) {
-        int* c = cnt + grp;
-        const int ticket = atomicAdd(c, 1);
-        s_last = ticket == n_split - 1;
-        if (s_last) *c = 0;  // ready for the next launch (every other block has counted)
-    }
-    __syncthreads();
-    if (!s_last) return;
-    fence_device();
+    if (!last_block_done(cnt + grp, n_split)) return;
     // The last block merges the splits of each head (sinks join the softmax without a value row): the
     // (max, sum) pairs into shared memory, each head's merge weights, then the values.
     float* sMw = &sacc[0][0][0];                          // [n_split][FAD_R]: maxima, then merge weights

@@ -198,6 +198,47 @@ HL_DEV void report_error(int* err, int code) {
     if (err) atomicCAS(err, 0, code);
 }
 
+// ---- one launch's blocks handing their parts to the block that finishes last ---------------------------
+HL_DEV void fence_device() {
+#if !defined(HL_HOST_EMU)
+    __threadfence();
+#endif
+}
+
+// Loads of what other blocks wrote in this launch (after last_block_done): from L2, never a stale L1 line.
+HL_DEV float ld_cg(const float* p) {
+#if defined(HL_CUDA)
+    return __ldcg(p);
+#else
+    return *(const volatile float*)p;
+#endif
+}
+HL_DEV float4 ld_cg4(const float* p) {  // p 16-byte aligned
+#if defined(HL_CUDA)
+    return __ldcg((const float4*)p);
+#else
+    const volatile float* v = p;
+    return make_float4(v[0], v[1], v[2], v[3]);
+#endif
+}
+
+// Called by every thread of every (1-D) block once its part is written: true in the block that counted
+// last, which may then read every other block's part with ld_cg. *cnt is zero before the launch and zero
+// again after it, so a replayed CUDA graph needs no reset.
+HL_DEV bool last_block_done(int* cnt, int n_blocks) {
+    __shared__ int s_last;
+    fence_device();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s_last = atomicAdd(cnt, 1) == n_blocks - 1;
+        if (s_last) *cnt = 0;  // every other block has counted
+    }
+    __syncthreads();
+    if (!s_last) return false;
+    fence_device();
+    return true;
+}
+
 // ---- element access of plain-typed tensors by ggml type id --------------------------------------------
 enum { T_F32 = 0, T_F16 = 1, T_I32 = 26, T_BF16 = 30 };
 

@@ -121,7 +121,6 @@ extern "C" __global__ void __launch_bounds__(256) k_moe_router_mv(const u8* a, c
     __shared__ int so[ROUTER_MV_MAX];
     __shared__ float sx[ROUTER_MV_MAX];
     __shared__ float scratch[HL_MAX_WARPS];
-    __shared__ int s_last;
     const int lane = threadIdx.x % HL_WARP, warp = threadIdx.x / HL_WARP;
     const int m = blockIdx.x * (blockDim.x / HL_WARP) + warp;
     if (m < n_exp) {
@@ -136,27 +135,8 @@ extern "C" __global__ void __launch_bounds__(256) k_moe_router_mv(const u8* a, c
         acc = warp_sum(acc);
         if (lane == 0) lg[m] = acc;
     }
-#if !defined(HL_HOST_EMU)
-    __threadfence();
-#endif
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int ticket = atomicAdd(cnt, 1);
-        s_last = ticket == (int)gridDim.x - 1;
-        if (s_last) *cnt = 0;
-    }
-    __syncthreads();
-    if (!s_last) return;
-#if !defined(HL_HOST_EMU)
-    __threadfence();
-#endif
-    for (int i = threadIdx.x; i < n_exp; i += blockDim.x) {
-#if defined(HL_CUDA)
-        sx[i] = __ldcg(lg + i);
-#else
-        sx[i] = *(const volatile float*)(lg + i);
-#endif
-    }
+    if (!last_block_done(cnt, gridDim.x)) return;
+    for (int i = threadIdx.x; i < n_exp; i += blockDim.x) sx[i] = ld_cg(lg + i);
     __syncthreads();
     moe_route(sx, (i32*)order, (float*)wout, n_exp, n_used, norm, cmin, cmax, sv, so, scratch);
 }

@@ -46,6 +46,13 @@ def build_flash_attn(node: Tensor, ctx: BuildCtx):
     if softcap != 0.0:
         scale /= softcap
     m0, m1, h2 = alibi(H, max_bias)
+    soft = (F32(scale), F32(max_bias), F32(m0), F32(m1), I32(h2), F32(softcap))
+    q8 = q8_out(ctx, node) if Dv % 32 == 0 else None
+    q8args = (P(q8.q), P(q8.d)) if q8 is not None else (NULL, NULL)
+    require(H <= 65535 and S <= 65535, node, "grid too large")
+    if n_q == 1 and max(D, Dv) <= 256 and _decode_ok(q, k, v, ctx) \
+            and os.environ.get("HYBRIDLLM_FA_DECODE") != "block":
+        return [_decode(node, q, k, v, mask, sinks, soft, q8args, ctx)]
     maxd = next(m for m in (64, 128, 256, 512) if max(D, Dv) <= m)
     qb, nw = (1, 8) if n_q == 1 else {64: (8, 4), 128: (8, 4), 256: (4, 4), 512: (1, 4)}[maxd]
     if n_q == 1 and maxd == 128 and os.environ.get("HYBRIDLLM_FA_DECODE_WARPS") in ("2", "4"):
@@ -60,20 +67,13 @@ def build_flash_attn(node: Tensor, ctx: BuildCtx):
             I32(Dv), I32(n_q), I32(n_kv),
             I32(H // k.ne[2]), I32(S // k.ne[3]), I32(H // v.ne[2]), I32(S // v.ne[3]),
             I64(q.nb[1]), I64(q.nb[2]), I64(q.nb[3]), I64(k.nb[1]), I64(k.nb[2]), I64(k.nb[3]),
-            I64(v.nb[1]), I64(v.nb[2]), I64(v.nb[3]), *margs, F32(scale), F32(max_bias), F32(m0), F32(m1),
-            I32(h2), F32(softcap), I64(node.nb[1]), I64(node.nb[2]), I64(node.nb[3]))
-    q8 = q8_out(ctx, node) if Dv % 32 == 0 else None
-    args += (P(q8.q), P(q8.d)) if q8 is not None else (NULL, NULL)
-    require(H <= 65535 and S <= 65535, node, "grid too large")
-    if n_q == 1 and max(D, Dv) <= 256 and _decode_ok(q, k, v, ctx) \
-            and os.environ.get("HYBRIDLLM_FA_DECODE") != "block":
-        return [_decode(node, q, k, v, mask, sinks, args, ctx)]
+            I64(v.nb[1]), I64(v.nb[2]), I64(v.nb[3]), *margs, *soft, I64(node.nb[1]), I64(node.nb[2]),
+            I64(node.nb[3]), *q8args)
     return [launch(ctx.fn("attention", f"k_fa_{maxd}_{qb}_{nw}"), ((n_q + qb - 1) // qb, H, S), (nw * ctx.warp,),
                    args)]
 
 
-FAD_NT, FAD_TILE = 128, 32  # kernels/attention.cu
-FAD_R = int(os.environ.get("HYBRIDLLM_FA_ROWS", 0)) or 4  # (override: measurements with an edited kernel copy)
+FAD_NT, FAD_TILE, FAD_R = 128, 32, 4  # kernels/attention.cu
 FAD_MAX_SPLIT = 64
 N_SM_DEFAULT = 132  # H100 SXM; only sizes the key split
 
@@ -92,7 +92,8 @@ def _rows_per_block(H: int, rk2: int, rv2: int) -> int:
 
 
 def _decode(node: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sinks: Tensor | None,
-            args: tuple, ctx: BuildCtx):
+            soft: tuple, q8args: tuple, ctx: BuildCtx):
+    """k_fad launch; `soft`: the kernels' (scale, max_bias, m0, m1, n_head_log2, softcap) arguments."""
     D, _, H, S = q.ne
     Dv, n_kv = v.ne[0], k.ne[1]
     rk2, rk3, rv2, rv3 = H // k.ne[2], S // k.ne[3], H // v.ne[2], S // v.ne[3]
@@ -105,22 +106,14 @@ def _decode(node: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
     per = max(-(-tiles // n_split), int(os.environ.get("HYBRIDLLM_FA_TILES_PER_SPLIT", "1")))  # (measurements)
     n_split = -(-tiles // per)
     part = ctx.scratch(4 * groups * n_split * FAD_R * (maxd + 2))
-    cnt = ctx.scratch(4 * groups)
-    ctx.backend.rt.memset(cnt, 0, 4 * groups)  # the kernel's last block leaves it zero again
     if mask is not None:
         margs = (I32(mask.type), I32(mask.ne[2]), I32(mask.ne[3]), I64(mask.nb[2]), I64(mask.nb[3]))
     else:
         margs = (I32(-1), I32(1), I32(1), I64(0), I64(0))
-    scale, max_bias, softcap = node.param_f32(0), node.param_f32(1), node.param_f32(2)
-    if softcap != 0.0:
-        scale /= softcap
-    m0, m1, h2 = alibi(H, max_bias)
-    oq_od = args[-2:]
     fargs = (ctx.ptr(q), ctx.ptr(k), ctx.ptr(v), ctx.ptr(mask), ctx.ptr(sinks), ctx.ptr(node), I32(D), I32(Dv),
              I32(n_kv), I32(nr), I32(rk2), I32(rk3), I32(rv2), I32(rv3), I64(q.nb[2]), I64(q.nb[3]),
-             I64(k.nb[1]), I64(k.nb[2]), I64(k.nb[3]), I64(v.nb[1]), I64(v.nb[2]), I64(v.nb[3]), *margs,
-             F32(scale), F32(max_bias), F32(m0), F32(m1), I32(h2), F32(softcap), I64(node.nb[1]),
-             I64(node.nb[3]), *oq_od, P(part), P(cnt), I32(per))
+             I64(k.nb[1]), I64(k.nb[2]), I64(k.nb[3]), I64(v.nb[1]), I64(v.nb[2]), I64(v.nb[3]), *margs, *soft,
+             I64(node.nb[1]), I64(node.nb[3]), *q8args, P(part), P(ctx.counters(groups)), I32(per))
     # 16-byte output rows: the last block merges with vector loads and stores (else element by element)
     vec = (int(ctx.ptr(node)) | node.nb[1] | node.nb[3]) % 16 == 0 and os.environ.get("HYBRIDLLM_FA_DECODE") != "rows"
     name = f"k_fad_{maxd}" if vec else f"k_fadr_{maxd}"

@@ -63,6 +63,12 @@ class BuildCtx:
         self._chunk = (base, used + nbytes, size)
         return base + used
 
+    def counters(self, n: int) -> int:
+        """n int32 counters at zero, for kernels whose last block resets them (common.cuh last_block_done)."""
+        ptr = self.scratch(4 * n)
+        self.backend.rt.memset(ptr, 0, 4 * n)
+        return ptr
+
     def fn(self, module: str, name: str) -> Any:
         return self.backend.rt.function(module, name)
 

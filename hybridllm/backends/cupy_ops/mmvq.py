@@ -7,7 +7,6 @@ will be read as q8 (RMS_NORM, GLU, FLASH_ATTN_EXT) writes the copy itself, savin
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,9 +25,8 @@ MODULE = "mmvq"
 
 
 def glu_warps(warp: int) -> int:
-    """Warps per block of the 32-row GLU kernels (kernels/mmvq.cu GLU_WARPS; the override is for
-    measurements with an edited kernel copy, HYBRIDLLM_KERNEL_DIR)."""
-    return int(os.environ.get("HYBRIDLLM_GLU_WARPS", 0)) or 512 // warp
+    """Warps per block of the 32-row GLU kernels (kernels/mmvq.cu GLU_WARPS)."""
+    return 512 // warp
 
 
 @dataclass(frozen=True)

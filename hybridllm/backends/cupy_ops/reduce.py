@@ -91,10 +91,8 @@ def build_moe_router_mv(ctx: BuildCtx, mm: Tensor, sm: Tensor, order: Tensor, wt
     n_used = wts.ne[1]
     out = norm if norm is not None else wts
     cmin, cmax = (clamp.param_f32(0), clamp.param_f32(1)) if clamp is not None else (0.0, 0.0)
-    lg, cnt = ctx.scratch(4 * n_exp), ctx.scratch(4)
-    ctx.backend.rt.memset(cnt, 0, 4)  # the last block leaves it zero again
     rows = ROUTER_MV_THREADS // ctx.warp
-    args = (ctx.ptr(a), ctx.ptr(b), P(lg), P(cnt), ctx.ptr(order), ctx.ptr(out), I32(K), I64(a.nb[1]),
+    args = (ctx.ptr(a), ctx.ptr(b), P(ctx.scratch(4 * n_exp)), P(ctx.counters(1)), ctx.ptr(order), ctx.ptr(out), I32(K), I64(a.nb[1]),
             I32(n_exp), I32(n_used), I32(norm is not None), F32(cmin), F32(cmax))
     return [launch(ctx.fn("reduce", "k_moe_router_mv"), ((n_exp + rows - 1) // rows,), (ROUTER_MV_THREADS,), args)]
 
