@@ -144,7 +144,7 @@ class KVCache:
             rows = np.flatnonzero(seq_ids == s)
             mine = np.flatnonzero(self.seq == s)
             start = (int(mine[np.argmax(self.pos[mine])]) + 1 if mine.size
-                     else int(positions[rows[0]]) % self.size)
+                     else int(self.cells_for(positions[rows[:1]])[0]))
             free = np.flatnonzero(usable)
             if free.size < rows.size:
                 raise ContextOverflow(f"the KV cache is full: {rows.size} cells needed, {free.size} free of "

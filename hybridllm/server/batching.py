@@ -34,6 +34,12 @@ class Seq:
     epoch: int = 0                       # bumped when recovery resets the cache under a running job
     last_used: int = 0                   # engine round of its last ubatch, to evict idle caches LRU first
 
+    def clear(self, runner: Any) -> None:
+        """Engine thread: free its cells for the other slots and forget what it held."""
+        runner.seq_clear(self.id)
+        self.tokens.clear()
+        self.dirty = False
+
 
 class Rounds:
     """Engine thread: the rounds of one runner whose sequence i is slot i (`seqs[i]`)."""
@@ -93,8 +99,7 @@ class Rounds:
         while free < len(decoders):   # running requests hold every cell: the newest ends, the others go on
             job = decoders.pop()
             out.append((job, job.out_of_cells()))
-            runner.seq_clear(job.seq.id)
-            job.seq.tokens.clear()
+            job.seq.clear(runner)
             free = runner.n_free_cells()
         plan: list[tuple[Job, list[int]]] = [(job, [job.last]) for job in decoders]  # type: ignore[misc]
         budget, free = budget - len(plan), free - len(plan)
@@ -127,9 +132,7 @@ class Rounds:
             victim = min(idle, key=lambda s: s.last_used)
             log.info("slot %d: dropping its cached %d tokens to make room in the KV cache", victim.id,
                      runner.seq_n_past(victim.id))
-            runner.seq_clear(victim.id)
-            victim.tokens.clear()
-            victim.dirty = False
+            victim.clear(runner)
         return runner.n_free_cells()
 
     def _run_plan(self, plan: list[tuple[Job, list[int]]], out: list[tuple[Job, Step | BaseException]]) -> None:
@@ -189,9 +192,7 @@ class Job:
         seq, prompt = self.seq, list(self.req.prompt)
         self.started, self.t0, self.epoch = True, _now(), seq.epoch
         if seq.dirty or len(seq.tokens) != runner.seq_n_past(seq.id):
-            runner.seq_clear(seq.id)
-            seq.tokens.clear()
-            seq.dirty = False
+            seq.clear(runner)
         n_keep = common_prefix(seq.tokens, prompt) if self.req.cache_prompt else 0
         n_keep = min(n_keep, len(prompt) - 1)  # re-evaluate at least one token: its logits are needed
         if n_keep < runner.seq_n_past(seq.id) and not runner.seq_rm(seq.id, n_keep):
